@@ -1,0 +1,272 @@
+"""Dynamic micro-batching in front of any `[N, ...] -> [N, ...]` callable.
+
+The policy is two pure functions (`dispatch_delay`, `batch_take`) that need no event loop.
+`MicroBatcher` is the asyncio plumbing around them: a bounded queue, per-request deadlines,
+cancellation, and a pool of engine slots. It is event-driven rather than polling: it tries to
+dispatch when a request arrives, when a batch finishes and when a queue-delay timer fires, so a
+lone request goes straight to a free engine and batches grow on their own while it is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Protocol
+
+import numpy as np
+
+from app.errors import DeadlineExceeded, Overloaded
+
+BatchFn = Callable[[np.ndarray], np.ndarray]
+
+
+def dispatch_delay(
+    queued_items: int,
+    oldest_age_s: float,
+    slot_free: bool,
+    max_batch_size: int,
+    max_queue_delay_s: float,
+) -> float | None:
+    """Send now (0.0), re-check after this many seconds, or nothing to do (None)."""
+    if queued_items == 0 or not slot_free:
+        return None
+    if queued_items >= max_batch_size or oldest_age_s >= max_queue_delay_s:
+        return 0.0
+    return max_queue_delay_s - oldest_age_s
+
+
+def batch_take(sizes: Sequence[int], max_batch_size: int) -> int:
+    """How many requests from the head of the queue fit in one batch (always at least one)."""
+    total = 0
+    for taken, size in enumerate(sizes):
+        if taken and total + size > max_batch_size:
+            return taken
+        total += size
+    return len(sizes)
+
+
+class BatchObserver(Protocol):
+    def batch_started(self, size: int, queue_waits_s: list[float]) -> None: ...
+    def batch_finished(self, size: int, inference_s: float) -> None: ...
+    def queue_changed(self, depth: int) -> None: ...
+    def request_expired(self) -> None: ...
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; nothing is sent back."""
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outputs: np.ndarray  # this request's rows of the batch output
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    inputs: np.ndarray
+    enqueued_at: float
+    future: asyncio.Future[BatchResult]
+    queued: bool = True
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        run_batch: BatchFn,
+        *,
+        max_batch_size: int = 32,
+        max_queue_delay_s: float = 0.0,
+        queue_capacity: int = 1024,
+        engine_slots: int = 1,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self._max_queue_delay_s = max_queue_delay_s
+        self._queue_capacity = queue_capacity
+        self._queue: deque[_Pending] = deque()
+        self._queued_items = 0
+        self._free_slots = engine_slots
+        self._executor = ThreadPoolExecutor(engine_slots, thread_name_prefix="blink-engine")
+        self._observer = observer
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Future] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued_items
+
+    def submit(self, inputs: np.ndarray, deadline: float) -> _Pending:
+        """Queue `inputs` ([n, ...], n <= max_batch_size); `deadline` is on `time.monotonic`.
+
+        Returns a handle to `wait()` on; raises `Overloaded` at once when the queue is full.
+        """
+        size = len(inputs)
+        if not 0 < size <= self.max_batch_size:
+            raise ValueError(f"a request must hold 1..{self.max_batch_size} items, not {size}")
+        if self._queued_items + size > self._queue_capacity:
+            raise Overloaded(
+                f"queue is full ({self._queued_items} waiting, capacity {self._queue_capacity})"
+            )
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        now = time.monotonic()
+        pending = _Pending(inputs, now, loop.create_future())
+        # Relative delay: uvloop's clock is not guaranteed to share time.monotonic()'s origin.
+        pending.timer = loop.call_later(deadline - now, self._expire, pending)
+        self._queue.append(pending)
+        self._queued_items += size
+        self._notify_depth()
+        self._maybe_dispatch()
+        return pending
+
+    async def wait(self, pending: _Pending) -> BatchResult:
+        try:
+            return await pending.future
+        except BaseException:
+            self._forget(pending)  # cancelled or expired: never run it
+            raise
+
+    async def run(self, inputs: np.ndarray, deadline: float) -> BatchResult:
+        return await self.wait(self.submit(inputs, deadline))
+
+    def cancel(self, pending: _Pending, reason: BaseException) -> None:
+        """Answer `pending` with `reason` and drop it if it has not started running."""
+        if not pending.future.done():
+            pending.future.set_exception(reason)
+        self._forget(pending)
+
+    async def drain(self) -> None:
+        """Wait until every queued and running request has been answered."""
+        while self._queue or self._running:
+            waiters = [p.future for p in self._queue] + list(self._running)
+            await asyncio.wait(waiters)
+        self._executor.shutdown(wait=True)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _forget(self, pending: _Pending) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        if pending.queued:  # rare (timeouts, disconnects): O(n) removal on a bounded queue
+            pending.queued = False
+            self._queue.remove(pending)
+            self._queued_items -= len(pending.inputs)
+            self._notify_depth()
+
+    def _expire(self, pending: _Pending) -> None:
+        pending.timer = None
+        if pending.future.done():
+            return
+        pending.future.set_exception(DeadlineExceeded("request deadline passed before it ran"))
+        if self._observer is not None:
+            self._observer.request_expired()
+        self._forget(pending)
+
+    def _maybe_dispatch(self) -> None:
+        while self._queue:
+            now = time.monotonic()
+            delay = dispatch_delay(
+                self._queued_items,
+                now - self._queue[0].enqueued_at,
+                self._free_slots > 0,
+                self.max_batch_size,
+                self._max_queue_delay_s,
+            )
+            if delay is None:
+                return
+            if delay > 0:
+                self._arm_delay_timer(delay)
+                return
+            self._dispatch(now)
+
+    def _arm_delay_timer(self, delay: float) -> None:
+        if self._delay_timer is None and self._loop is not None:
+            self._delay_timer = self._loop.call_later(delay, self._on_delay_timer)
+
+    def _on_delay_timer(self) -> None:
+        self._delay_timer = None
+        self._maybe_dispatch()
+
+    def _dispatch(self, now: float) -> None:
+        batch = self._take()
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+        size = len(inputs)
+        if self._observer is not None:
+            self._observer.batch_started(size, [now - p.enqueued_at for p in batch])
+            self._notify_depth()
+        self._free_slots -= 1
+        assert self._loop is not None
+        future = self._loop.run_in_executor(self._executor, _timed_call, self._run_batch, inputs)
+        self._running.add(future)
+        future.add_done_callback(lambda done: self._finish(done, batch, now))
+
+    def _take(self) -> list[_Pending]:
+        """Pop the head-of-queue requests that fit in one batch."""
+        head = islice(self._queue, self.max_batch_size)
+        batch = [
+            self._queue.popleft()
+            for _ in range(batch_take([len(p.inputs) for p in head], self.max_batch_size))
+        ]
+        for pending in batch:
+            pending.queued = False
+            self._queued_items -= len(pending.inputs)
+        return batch
+
+    def _finish(self, done: asyncio.Future, batch: list[_Pending], dispatched_at: float) -> None:
+        self._running.discard(done)
+        self._free_slots += 1
+        try:
+            outputs, inference_s = done.result()
+        except BaseException as exc:  # every request of a failed batch gets an answer
+            for pending in batch:
+                self._settle(pending, exc=exc)
+        else:
+            if self._observer is not None:
+                self._observer.batch_finished(len(outputs), inference_s)
+            start = 0
+            for pending in batch:
+                stop = start + len(pending.inputs)
+                queue_s = dispatched_at - pending.enqueued_at
+                result = BatchResult(outputs[start:stop], queue_s, inference_s, len(outputs))
+                self._settle(pending, result=result)
+                start = stop
+        self._maybe_dispatch()
+
+    def _settle(
+        self,
+        pending: _Pending,
+        *,
+        result: BatchResult | None = None,
+        exc: BaseException | None = None,
+    ) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        if pending.future.done():  # expired or cancelled while running: its answer is discarded
+            return
+        if exc is None:
+            pending.future.set_result(result)  # type: ignore[arg-type]
+        else:
+            pending.future.set_exception(exc)
+
+    def _notify_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.queue_changed(self._queued_items)
+
+
+def _timed_call(run_batch: BatchFn, inputs: np.ndarray) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    outputs = run_batch(inputs)
+    return outputs, time.perf_counter() - start

@@ -1,0 +1,158 @@
+"""The model bundle: `manifest.json` plus ONNX files (the contract in DESIGN.md).
+
+The offline build writes bundles with `Manifest`; the service loads them with `load_bundle`,
+which refuses, with a message that names the problem, anything it cannot serve exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+LATEST_POINTER = "latest"
+Precision = Literal["fp32", "int8", "fp16"]
+
+
+class BundleError(Exception):
+    """A bundle that cannot be served; the message says why."""
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "input"
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: Literal[1, 3]
+    color: Literal["L", "RGB"]
+    resize: Literal["stretch", "center_crop"] = "center_crop"
+    mean: list[float]
+    std: list[float]
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if (self.color == "L") != (self.channels == 1):
+            raise ValueError(f"color {self.color!r} does not match channels={self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "logits"
+    kind: Literal["logits"] = "logits"
+
+
+class VariantFile(BaseModel):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """`manifest.json`; unknown top-level keys are kept for forward compatibility."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_: int = Field(SCHEMA_VERSION, alias="schema")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    created: str
+    labels: list[str] = Field(min_length=1)
+    input: InputSpec
+    output: OutputSpec = OutputSpec()
+    variants: dict[Precision, VariantFile] = Field(min_length=1)
+    metrics: dict[str, dict[str, float | int | str | list | dict]] = Field(default_factory=dict)
+    provenance: dict[str, object] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _supported(self) -> Manifest:
+        if self.schema_ != SCHEMA_VERSION:
+            raise ValueError(f"schema {self.schema_} is not supported (expected {SCHEMA_VERSION})")
+        if "fp32" not in self.variants:
+            raise ValueError("variants must include fp32")
+        return self
+
+    def dump(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, mode="json"), indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    directory: Path
+    manifest: Manifest
+
+    def variant_path(self, precision: Precision) -> Path:
+        return self.directory / self.manifest.variants[precision].file
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_bundle_dir(path: Path) -> Path:
+    """A bundle directory as given, or `<repository>/<name>` resolved through its `latest`."""
+    if (path / MANIFEST_FILE).exists():
+        return path
+    latest = path / LATEST_POINTER
+    if latest.is_dir():
+        return latest.resolve()
+    if latest.is_file():  # a pointer file naming the version, where symlinks are unavailable
+        return path / latest.read_text().strip()
+    if not path.exists():
+        raise BundleError(f"model bundle not found: {path} does not exist")
+    raise BundleError(f"no {MANIFEST_FILE} in {path} (and no '{LATEST_POINTER}' pointer)")
+
+
+def read_manifest(directory: Path) -> Manifest:
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BundleError(f"manifest missing: {manifest_path}")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest is not valid JSON: {manifest_path}: {exc}") from exc
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BundleError(f"manifest is invalid: {manifest_path}: {problems}") from exc
+
+
+def verify_variant(bundle: Bundle, precision: Precision) -> Path:
+    """The variant's file, after checking it exists and matches its recorded sha256."""
+    entry = bundle.manifest.variants[precision]
+    path = bundle.variant_path(precision)
+    if not path.is_file():
+        raise BundleError(f"variant {precision} file missing: {path}")
+    actual = sha256_of(path)
+    if actual != entry.sha256:
+        raise BundleError(
+            f"sha256 mismatch for variant {precision} ({path}): "
+            f"manifest says {entry.sha256}, file is {actual}"
+        )
+    return path
+
+
+def load_bundle(path: Path) -> Bundle:
+    directory = resolve_bundle_dir(Path(path))
+    return Bundle(directory=directory, manifest=read_manifest(directory))

@@ -1,0 +1,117 @@
+"""`blink serve` and `blink build`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+SETTINGS_FLAGS = {
+    "model": "BLINK_MODEL",
+    "host": "BLINK_HOST",
+    "port": "BLINK_PORT",
+    "workers": "BLINK_WORKERS",
+    "device": "BLINK_DEVICE",
+    "variant": "BLINK_MODEL_VARIANT",
+}
+
+
+def serve(args: argparse.Namespace) -> int:
+    # Flags become environment variables so that every uvicorn worker process sees them.
+    for flag, env in SETTINGS_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[env] = str(value)
+
+    from app.bundle import BundleError
+    from app.engine import EngineError
+    from app.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        print(f"blink: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    try:  # fail here, with one clear line, rather than inside every worker
+        check_bundle(settings)
+    except (BundleError, EngineError) as exc:
+        print(f"blink: cannot serve: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        prepare_multiprocess_metrics()
+
+    import uvicorn
+
+    from app.logs import log_config
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=log_config(settings.log_level),
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1.0, settings.request_timeout_ms / 1000 + 1),
+    )
+    return 0
+
+
+def check_bundle(settings) -> None:
+    import onnxruntime as ort
+
+    from app.bundle import load_bundle, verify_variant
+    from app.engine import choose_device, choose_variant
+
+    bundle = load_bundle(settings.model)
+    device = choose_device(settings.device, ort.get_available_providers())
+    variant = choose_variant(settings.model_variant, device, bundle.manifest.variants)
+    verify_variant(bundle, variant)
+
+
+def prepare_multiprocess_metrics() -> None:
+    """Give the workers a fresh, shared metrics directory before any of them starts."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+        Path(directory).mkdir(parents=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="blink-metrics-")
+
+
+def build(argv: list[str]) -> int:
+    from models.build import main as build_main
+
+    return build_main(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="blink", description="Blink image classification service")
+    commands = root.add_subparsers(dest="command")
+    run = commands.add_parser("serve", help="serve a model bundle over HTTP")
+    run.add_argument("--model", type=Path, help="bundle directory or <repository>/<name>")
+    run.add_argument("--host")
+    run.add_argument("--port", type=int)
+    run.add_argument("--workers", type=int)
+    run.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"])
+    run.add_argument("--variant", choices=["auto", "fp32", "int8", "fp16"])
+    commands.add_parser("build", help="train, quantize and export a model bundle", add_help=False)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "build":
+        return build(argv[1:])
+    args = parser().parse_args(argv or ["serve"])
+    return serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""The ONNX Runtime session: provider and variant choice, warm-up, batched `run`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from app.bundle import Bundle, BundleError, Precision, verify_variant
+
+log = logging.getLogger("blink.engine")
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PREFERENCE = ("tensorrt", "cuda", "cpu")
+
+
+class EngineError(Exception):
+    """The requested device or variant cannot be served here."""
+
+
+def choose_device(requested: str, available: Iterable[str]) -> str:
+    """`auto` takes the best provider the installed ONNX Runtime offers; others must exist."""
+    offered = set(available)
+    if requested == "auto":
+        return next(d for d in PREFERENCE if PROVIDER_NAMES[d] in offered or d == "cpu")
+    if PROVIDER_NAMES[requested] not in offered:
+        raise EngineError(
+            f"device {requested!r} needs {PROVIDER_NAMES[requested]}, but this ONNX Runtime "
+            f"offers only {sorted(offered)}"
+        )
+    return requested
+
+
+def choose_variant(requested: str, device: str, in_bundle: Iterable[str]) -> Precision:
+    """`auto`: int8 on CPU, fp16 on a GPU, when the bundle has them; fp32 otherwise."""
+    variants = set(in_bundle)
+    if requested != "auto":
+        if requested not in variants:
+            raise BundleError(
+                f"variant {requested!r} is not in the bundle (has {sorted(variants)})"
+            )
+        return requested  # type: ignore[return-value]
+    preferred = "int8" if device == "cpu" else "fp16"
+    return preferred if preferred in variants else "fp32"  # type: ignore[return-value]
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Powers of two up to the maximum: the shapes a GPU engine is built and captured for."""
+    buckets, size = [], 1
+    while size < max_batch_size:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, max_batch_size]
+
+
+def bucket_for(size: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= size)
+
+
+class Engine:
+    """One InferenceSession; `run` maps float32 [N, C, H, W] to logits [N, classes]."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        variant: str = "auto",
+        threads: int = 1,
+        max_batch_size: int = 32,
+        cache_dir: Path | None = None,
+    ) -> None:
+        manifest = bundle.manifest
+        self.device = choose_device(device, ort.get_available_providers())
+        self.variant = choose_variant(variant, self.device, manifest.variants)
+        path = verify_variant(bundle, self.variant)
+        self.input_name = manifest.input.name
+        self.output_name = manifest.output.name
+        self.input_shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
+        self.max_batch_size = max_batch_size
+        # GPUs pad batches to a few sizes so TensorRT profiles and cuDNN plans are reused.
+        self.buckets = batch_buckets(max_batch_size) if self.device != "cpu" else None
+        providers = self._providers(cache_dir or bundle.directory / ".trt-cache")
+        try:
+            self.session = ort.InferenceSession(
+                str(path), self._session_options(threads), providers=providers
+            )
+        except Exception as exc:  # ORT raises its own exception types for bad models
+            raise BundleError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        self.provider = self.session.get_providers()[0]
+        self._check_io(path)
+        log.info(
+            "engine ready to warm up",
+            extra={"provider": self.provider, "variant": self.variant, "threads": threads},
+        )
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        size = len(batch)
+        if self.buckets is not None:
+            padded = bucket_for(size, self.buckets)
+            if padded != size:
+                batch = np.concatenate(
+                    [batch, np.zeros((padded - size, *batch.shape[1:]), batch.dtype)]
+                )
+        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+        return logits[:size]
+
+    def warm_up(self) -> None:
+        """Run every batch size the service will use once, so no request pays for a first run."""
+        sizes = self.buckets or range(1, self.max_batch_size + 1)
+        for size in sizes:
+            self.run(np.zeros((size, *self.input_shape), np.float32))
+
+    def _session_options(self, threads: int) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning workers would steal the core the event loop needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def _providers(self, cache_dir: Path) -> list:
+        c, h, w = self.input_shape
+        if self.device == "tensorrt":
+            shape = f"{self.input_name}:{{}}x{c}x{h}x{w}"
+            trt = {
+                "trt_fp16_enable": self.variant == "fp16",
+                "trt_int8_enable": self.variant == "int8",
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_profile_min_shapes": shape.format(1),
+                "trt_profile_opt_shapes": shape.format(self.max_batch_size),
+                "trt_profile_max_shapes": shape.format(self.max_batch_size),
+            }
+            return [
+                ("TensorrtExecutionProvider", trt),
+                "CUDAExecutionProvider",
+                "CPUExecutionProvider",
+            ]
+        if self.device == "cuda":
+            return [
+                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}),
+                "CPUExecutionProvider",
+            ]
+        return ["CPUExecutionProvider"]
+
+    def _check_io(self, path: Path) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if self.input_name not in inputs:
+            raise BundleError(
+                f"{path} has no input named {self.input_name!r} (has {sorted(inputs)})"
+            )
+        if self.output_name not in outputs:
+            raise BundleError(
+                f"{path} has no output named {self.output_name!r} (has {sorted(outputs)})"
+            )

@@ -1,0 +1,57 @@
+"""Errors a client can cause, each with its HTTP status and a stable code.
+
+Every failure answers `{"error": {"code", "message"}}`; see DESIGN.md for the statuses.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class BlinkError(Exception):
+    status = 500
+    code = "internal"
+    headers: dict[str, str] = {}  # noqa: RUF012 - read-only class default
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if headers:
+            self.headers = headers
+
+    def body(self) -> bytes:
+        return error_body(self.code, self.message)
+
+
+class BadImage(BlinkError):
+    status, code = 400, "bad_image"
+
+
+class PayloadTooLarge(BlinkError):
+    status, code = 413, "too_large"
+
+
+class UnsupportedMediaType(BlinkError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidParameter(BlinkError):
+    status, code = 422, "invalid_parameter"
+
+
+class Overloaded(BlinkError):
+    status, code = 503, "overloaded"
+    headers = {"retry-after": "1"}  # noqa: RUF012
+
+
+class NotReady(BlinkError):
+    status, code = 503, "not_ready"
+    headers = {"retry-after": "1"}  # noqa: RUF012
+
+
+class DeadlineExceeded(BlinkError):
+    status, code = 504, "deadline_exceeded"
+
+
+def error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})

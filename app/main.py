@@ -1,0 +1,80 @@
+"""The app factory: routes, error handlers and the model's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from app.errors import BlinkError, InvalidParameter, error_body
+from app.metrics import ServiceMetrics, mark_worker_exit
+from app.openapi import build_openapi
+from app.routes import health, metrics, models
+from app.routes.classify import ClassifyRoute
+from app.service import ModelService
+from app.settings import Settings, get_settings
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service = ModelService(app.state.settings, ServiceMetrics())
+    app.state.service = service
+    # Accept connections at once (liveness), report ready only after warm-up.
+    warm_up = asyncio.create_task(service.warm_up())
+    try:
+        yield
+    finally:
+        warm_up.cancel()
+        await service.close()
+        mark_worker_exit()
+
+
+def json_error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    return Response(error_body(code, message), status, headers, media_type="application/json")
+
+
+async def blink_error(request: Request, exc: BlinkError) -> Response:
+    return json_error(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return json_error(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return json_error(422, InvalidParameter.code, message)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    return json_error(500, "internal", "internal error")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="Blink",
+        version="0.1.0",
+        description="Low-latency image classification with dynamic micro-batching.",
+        lifespan=lifespan,
+        exception_handlers={
+            BlinkError: blink_error,
+            HTTPException: http_error,
+            RequestValidationError: validation_error,
+            Exception: internal_error,
+        },
+    )
+    app.state.settings = settings or get_settings()
+    app.router.routes.append(Route("/classify", ClassifyRoute(), methods=["POST"], name="classify"))
+    for router in (health.router, models.router, metrics.router):
+        app.include_router(router)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
+    return app

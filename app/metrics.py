@@ -1,0 +1,151 @@
+"""Prometheus metrics, in seconds, under the `blink_` prefix.
+
+With several workers the values live in `PROMETHEUS_MULTIPROC_DIR` (set by the CLI before any
+worker imports prometheus_client) and each scrape aggregates every process's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+# 0.1 ms to 10 s, five buckets a decade: sub-millisecond inference and multi-second stalls
+# both land in a bucket narrow enough to read a p99 from.
+LATENCY_BUCKETS = (
+    *(round(base * 10.0**exp, 6) for exp in range(-4, 1) for base in (1, 2, 3, 5, 7.5)),
+    10.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class ServiceMetrics:
+    """The service's metrics; one instance per app, with its own registry in single-process mode."""
+
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_mode()
+        # In multiprocess mode values go to mmap files and a registry is built per scrape.
+        self.registry = None if self.multiprocess else CollectorRegistry()
+        reg = self.registry
+        self.request_duration = Histogram(
+            "blink_request_duration_seconds",
+            "End-to-end time from request arrival to response, per route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.decode_duration = Histogram(
+            "blink_decode_duration_seconds",
+            "Time to decode and preprocess one image.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "blink_queue_wait_seconds",
+            "Time a request waited in the batching queue before its batch started.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.inference_duration = Histogram(
+            "blink_inference_duration_seconds",
+            "ONNX Runtime time per batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "blink_batch_size",
+            "Images per batch sent to the engine.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.engine_busy = Counter(
+            "blink_engine_busy_seconds",
+            "Seconds engine slots spent running batches; its rate per slot is the saturation.",
+            registry=reg,
+        )
+        self.requests = Counter(
+            "blink_requests",
+            "Requests answered, by route and HTTP status.",
+            ["route", "status"],
+            registry=reg,
+        )
+        self.rejections = Counter(
+            "blink_rejections",
+            "Requests refused or dropped before inference, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self.queue_depth = Gauge(
+            "blink_queue_depth",
+            "Images waiting in the batching queue.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.in_flight = Gauge(
+            "blink_requests_in_flight",
+            "Requests being processed.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.engine_slots = Gauge(
+            "blink_engine_slots",
+            "Engine slots (batches that may run at once).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        # Info metrics do not work in multiprocess mode: a gauge at 1 carries the labels.
+        self.model_info = Gauge(
+            "blink_model_info",
+            "The served model: name, version, variant and execution provider.",
+            ["name", "version", "variant", "provider"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        if reg is not None:
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+
+    # BatchObserver: called by the batcher on the event loop.
+    def batch_started(self, size: int, queue_waits_s: list[float]) -> None:
+        observe = self.queue_wait.observe
+        for wait in queue_waits_s:
+            observe(wait)
+        self.batch_size.observe(size)
+
+    def batch_finished(self, size: int, inference_s: float) -> None:
+        self.inference_duration.observe(inference_s)
+        self.engine_busy.inc(inference_s)
+
+    def queue_changed(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def request_expired(self) -> None:
+        self.rejections.labels("deadline").inc()
+
+    def exposition(self) -> bytes:
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+def mark_worker_exit() -> None:
+    """Drop this process's live gauges from the aggregate (multiprocess mode only)."""
+    if multiprocess_mode():
+        multiprocess.mark_process_dead(os.getpid())

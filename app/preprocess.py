@@ -1,0 +1,124 @@
+"""The one definition of preprocessing: encoded image bytes -> float32 NCHW, per the manifest.
+
+The service and the offline build's evaluation both call this module, so training-time
+evaluation and serving see exactly the same pixels.
+
+Decoding happens in two steps so the service can keep cheap work on the event loop:
+`open_image` reads only the header (format, size) and enforces the pixel limit before any
+pixel is decoded; `to_tensor` decodes, converts colour, resizes and normalises.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from app.bundle import InputSpec
+from app.errors import BadImage, PayloadTooLarge
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not grey pixels
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class Preprocessor:
+    """Manifest-driven preprocessing; one instance per loaded bundle."""
+
+    def __init__(self, spec: InputSpec, max_pixels: int = 40_000_000) -> None:
+        self.spec = spec
+        self.max_pixels = max_pixels
+        self.size = (spec.width, spec.height)
+        std = np.asarray(spec.std, dtype=np.float32)
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        # (x/255 - mean)/std as one multiply-add per pixel, shaped to broadcast over HWC.
+        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self._bias = (-mean / std).astype(np.float32)
+
+    def open_image(self, data: bytes) -> Image.Image:
+        """Parse the header only; reject what we will not decode."""
+        if not data:
+            raise BadImage("empty body: send an encoded JPEG, PNG, WebP, BMP or GIF image")
+        try:
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise BadImage("not a decodable JPEG, PNG, WebP, BMP or GIF image") from exc
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise BadImage(f"image has no pixels ({width}x{height})")
+        if width * height > self.max_pixels:
+            raise PayloadTooLarge(
+                f"image is {width}x{height} = {width * height} pixels; "
+                f"the limit is {self.max_pixels}"
+            )
+        return image
+
+    def to_tensor(self, image: Image.Image) -> np.ndarray:
+        """Decode, convert, resize and normalise one image into a [1, C, H, W] float32 array."""
+        spec = self.spec
+        box = self._source_box(image.size)
+        if image.format == "JPEG":
+            # Let libjpeg decode at a reduced scale (DCT scaling) and straight to grey if asked.
+            draft_size = self._draft_size(image.size, box)
+            image.draft(spec.color, draft_size)
+            box = self._source_box(image.size)
+        try:
+            image.load()
+            image = to_color(image, spec.color)
+            if image.size != self.size:
+                image = image.resize(self.size, Image.Resampling.BILINEAR, box=box)
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise BadImage(f"image data is corrupt or truncated: {exc}") from exc
+        pixels = np.asarray(image, dtype=np.float32)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        normalised = pixels * self._scale + self._bias
+        return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        return self.to_tensor(self.open_image(data))
+
+    def _source_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The region of the source that maps onto the model input."""
+        width, height = size
+        if self.spec.resize == "stretch":
+            return (0.0, 0.0, float(width), float(height))
+        target_aspect = self.size[0] / self.size[1]
+        if width / height > target_aspect:  # too wide: crop the sides
+            crop_w = height * target_aspect
+            left = (width - crop_w) / 2
+            return (left, 0.0, left + crop_w, float(height))
+        crop_h = width / target_aspect
+        top = (height - crop_h) / 2
+        return (0.0, top, float(width), top + crop_h)
+
+    def _draft_size(
+        self, size: tuple[int, int], box: tuple[float, float, float, float]
+    ) -> tuple[int, int]:
+        """The smallest full-image size whose crop still covers the model input."""
+        crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+        scale = max(self.size[0] / crop_w, self.size[1] / crop_h)
+        return (max(1, int(np.ceil(size[0] * scale))), max(1, int(np.ceil(size[1] * scale))))
+
+
+def to_color(image: Image.Image, color: str) -> Image.Image:
+    """Convert any decoded mode to "L" or "RGB"; transparency is composited over black."""
+    if image.mode == color:
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow clips 16-bit values when converting to 8 bits; scale them instead.
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(wide.astype(np.uint8), "L")
+        return image if color == "L" else image.convert(color)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert(color)
+    return image.convert(color)

@@ -1,0 +1,252 @@
+"""POST /classify: the hot path, written against ASGI directly.
+
+For a small CNN, HTTP and Python overhead, not ONNX Runtime, bound throughput, so this route
+skips FastAPI's dependency and validation layer (see bench/ for the measured difference).
+Its OpenAPI description is written by hand in app/openapi.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from urllib.parse import parse_qs
+
+import orjson
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from app.batching import ClientGone
+from app.errors import (
+    BadImage,
+    BlinkError,
+    DeadlineExceeded,
+    InvalidParameter,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from app.service import ModelService
+
+log = logging.getLogger("blink.classify")
+
+ROUTE = "/classify"
+DEFAULT_TOP_K = 5
+RAW_MEDIA_TYPES = frozenset(
+    {
+        "image/jpeg",
+        "image/jpg",
+        "image/png",
+        "image/webp",
+        "image/bmp",
+        "image/x-ms-bmp",
+        "image/gif",
+        "application/octet-stream",
+        "",  # no Content-Type: sniff the bytes
+    }
+)
+MULTIPART = "multipart/form-data"
+REJECTION_REASONS = {Overloaded: "queue_full", NotReady: "not_ready", DeadlineExceeded: "deadline"}
+
+
+async def classify(scope: Scope, receive: Receive, send: Send) -> None:
+    started = time.perf_counter()
+    service: ModelService = scope["app"].state.service
+    metrics = service.metrics
+    headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
+    request_id = (headers.get(b"x-request-id") or os.urandom(8).hex().encode())[:128]
+    status = 200
+    metrics.in_flight.inc()
+    try:
+        top_k = parse_top_k(scope["query_string"], service.num_classes)
+        data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
+        deadline = time.monotonic() + service.settings.request_timeout_ms / 1000
+        tensor, decode_s = await service.preprocess(data)
+        pending = service.submit(tensor, deadline)
+        result = await wait_unless_disconnected(service, pending, receive)
+        prediction = service.predictions(result, top_k, decode_s)
+        manifest = service.bundle.manifest
+        body = orjson.dumps(
+            {
+                "model": {
+                    "name": manifest.name,
+                    "version": manifest.version,
+                    "variant": service.engine.variant,
+                },
+                "predictions": prediction.predictions,
+            }
+        )
+        total_ms = (time.perf_counter() - started) * 1000
+        timing = (
+            f"decode;dur={decode_s * 1000:.3f}, queue;dur={prediction.queue_s * 1000:.3f}, "
+            f"inference;dur={prediction.inference_s * 1000:.3f}, total;dur={total_ms:.3f}"
+        )
+        await respond(send, 200, body, request_id, [(b"server-timing", timing.encode())])
+    except ClientGone:
+        status = 499  # nginx's convention for "client closed request"; nothing is sent
+        metrics.rejections.labels("disconnected").inc()
+    except BlinkError as exc:
+        status = exc.status
+        reason = REJECTION_REASONS.get(type(exc))
+        if reason is not None and reason != "deadline":  # the batcher counts its own expiries
+            metrics.rejections.labels(reason).inc()
+        extra = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+        await respond(send, exc.status, exc.body(), request_id, extra)
+        log.debug(
+            "rejected",
+            extra={
+                "request_id": request_id.decode(errors="replace"),
+                "status": status,
+                "reason": exc.message,
+            },
+        )
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.in_flight.dec()
+        metrics.requests.labels(ROUTE, str(status)).inc()
+        metrics.request_duration.labels(ROUTE).observe(elapsed)
+        if service.settings.access_log:
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id.decode(errors="replace"),
+                    "route": ROUTE,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
+
+
+def parse_top_k(query_string: bytes, num_classes: int) -> int:
+    if not query_string:
+        return min(DEFAULT_TOP_K, num_classes)
+    values = parse_qs(query_string.decode("latin-1")).get("top_k")
+    if not values:
+        return min(DEFAULT_TOP_K, num_classes)
+    try:
+        k = int(values[-1])
+    except ValueError:
+        k = 0
+    if not 1 <= k <= num_classes:
+        raise InvalidParameter(
+            f"top_k must be an integer from 1 to {num_classes}, not {values[-1]!r}"
+        )
+    return k
+
+
+async def read_image(scope: Scope, receive: Receive, headers: dict, limit: int) -> bytes:
+    media_type = (
+        headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower().decode("latin-1")
+    )
+    length = headers.get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"body is {int(length)} bytes; the limit is {limit}")
+    if media_type in RAW_MEDIA_TYPES:
+        return await read_body(receive, limit)
+    if media_type == MULTIPART:
+        return await read_multipart_file(scope, limited(receive, limit))
+    raise UnsupportedMediaType(
+        f"Content-Type {media_type!r} is not accepted: send image/jpeg, image/png, image/webp, "
+        "image/bmp, image/gif, application/octet-stream, or multipart/form-data with a 'file' field"
+    )
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def limited(receive: Receive, limit: int) -> Receive:
+    """A `receive` that fails once more than `limit` body bytes have arrived (chunked uploads)."""
+    seen = 0
+
+    async def receive_within_limit():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        return message
+
+    return receive_within_limit
+
+
+async def read_multipart_file(scope: Scope, receive: Receive) -> bytes:
+    request = Request(scope, receive)
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except BlinkError:
+        raise
+    except (
+        Exception
+    ) as exc:  # malformed multipart: Starlette and python-multipart raise several types
+        raise BadImage(f"malformed multipart/form-data body: {exc}") from exc
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidParameter("multipart/form-data needs the image in a field named 'file'")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+async def wait_unless_disconnected(service: ModelService, pending, receive: Receive):
+    """Wait for the batch result; if the client goes away first, drop the request."""
+    batcher = service.batcher
+    watcher = asyncio.ensure_future(until_disconnect(receive))
+
+    def on_disconnect(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is None:
+            batcher.cancel(pending, ClientGone())
+
+    watcher.add_done_callback(on_disconnect)
+    try:
+        return await batcher.wait(pending)
+    finally:
+        watcher.remove_done_callback(on_disconnect)
+        watcher.cancel()
+
+
+async def until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def respond(
+    send: Send, status: int, body: bytes, request_id: bytes, extra: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class ClassifyRoute:
+    """`classify` as an ASGI app object: Starlette's `Route` hands such objects the raw
+    scope/receive/send instead of wrapping them in a Request/Response cycle."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await classify(scope, receive, send)

@@ -1,0 +1,37 @@
+"""The served model's description."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.schemas import ModelList
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+@router.get("/models", response_model=ModelList, summary="The served model, its labels and input")
+async def list_models(request: Request) -> dict:
+    service = request.app.state.service
+    manifest = service.bundle.manifest
+    spec = manifest.input
+    return {
+        "models": [
+            {
+                "name": manifest.name,
+                "version": manifest.version,
+                "labels": manifest.labels,
+                "input": {
+                    "name": spec.name,
+                    "shape": ["batch", spec.channels, spec.height, spec.width],
+                    "color": spec.color,
+                    "resize": spec.resize,
+                    "mean": spec.mean,
+                    "std": spec.std,
+                },
+                "variant": service.engine.variant,
+                "provider": service.engine.provider,
+                "max_batch_size": service.settings.max_batch_size,
+                "metrics": manifest.metrics,
+            }
+        ]
+    }

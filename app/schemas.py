@@ -1,0 +1,59 @@
+"""Response shapes, for validation of the JSON routes and for the OpenAPI page."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["bad_image"])
+    message: str = Field(examples=["not a decodable JPEG, PNG, WebP, BMP or GIF image"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class PredictionOut(BaseModel):
+    label: str = Field(examples=["Ankle boot"])
+    index: int = Field(examples=[9])
+    score: float = Field(examples=[0.973], description="Softmax probability")
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["fashion-mnist"])
+    version: str = Field(examples=["20261123T031500Z"])
+    variant: str = Field(examples=["int8"])
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    predictions: list[PredictionOut]
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class InputOut(BaseModel):
+    name: str
+    shape: list[int | str] = Field(examples=[["batch", 1, 28, 28]])
+    color: str
+    resize: str
+    mean: list[float]
+    std: list[float]
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    labels: list[str]
+    input: InputOut
+    variant: str
+    provider: str
+    max_batch_size: int
+    metrics: dict
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]

@@ -1,0 +1,115 @@
+"""The loaded model and the request path below HTTP: preprocess, batch, postprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.batching import BatchResult, MicroBatcher
+from app.bundle import Bundle, load_bundle
+from app.engine import Engine
+from app.errors import NotReady
+from app.metrics import ServiceMetrics
+from app.postprocess import top_k
+from app.preprocess import Preprocessor
+from app.settings import Settings, usable_cores
+
+log = logging.getLogger("blink.service")
+
+# Below this many source pixels, decoding costs less than a hop to the thread pool and back.
+INLINE_DECODE_PIXELS = 128 * 128
+
+
+@dataclass(slots=True)
+class Prediction:
+    predictions: list[dict]
+    decode_s: float
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class ModelService:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.bundle: Bundle = load_bundle(settings.model)
+        manifest = self.bundle.manifest
+        self.engine = Engine(
+            self.bundle,
+            device=settings.device,
+            variant=settings.model_variant,
+            threads=settings.intra_op_threads(),
+            max_batch_size=settings.max_batch_size,
+        )
+        self.labels = manifest.labels
+        self.preprocessor = Preprocessor(manifest.input, settings.max_image_pixels)
+        self.batcher = MicroBatcher(
+            self.engine.run,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+            queue_capacity=settings.queue_capacity,
+            engine_slots=settings.engine_slots,
+            observer=metrics,
+        )
+        pool_size = settings.decode_threads or usable_cores()
+        self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")
+        self.ready = False
+        self.warm_up_error: str | None = None
+        metrics.engine_slots.set(settings.engine_slots)
+        metrics.model_info.labels(
+            manifest.name, manifest.version, self.engine.variant, self.engine.provider
+        ).set(1)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    async def warm_up(self) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.warm_up)
+        except Exception as exc:  # never ready; /readyz says why
+            self.warm_up_error = str(exc)
+            log.exception("warm-up failed")
+            return
+        self.ready = True
+        log.info("ready", extra={"warm_up_s": round(time.perf_counter() - started, 3)})
+
+    async def preprocess(self, data: bytes) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        image = self.preprocessor.open_image(data)
+        width, height = image.size
+        if width * height <= INLINE_DECODE_PIXELS:
+            tensor = self.preprocessor.to_tensor(image)
+        else:  # Pillow releases the GIL while decoding: big images decode beside the loop
+            loop = asyncio.get_running_loop()
+            tensor = await loop.run_in_executor(
+                self._decode_pool, self.preprocessor.to_tensor, image
+            )
+        elapsed = time.perf_counter() - started
+        self.metrics.decode_duration.observe(elapsed)
+        return tensor, elapsed
+
+    def submit(self, tensor: np.ndarray, deadline: float):
+        if not self.ready:
+            raise NotReady("model is warming up")
+        return self.batcher.submit(tensor, deadline)
+
+    def predictions(self, result: BatchResult, k: int, decode_s: float) -> Prediction:
+        return Prediction(
+            top_k(result.outputs[0], k, self.labels),
+            decode_s,
+            result.queue_s,
+            result.inference_s,
+            result.batch_size,
+        )
+
+    async def close(self) -> None:
+        await self.batcher.drain()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)

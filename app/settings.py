@@ -1,0 +1,54 @@
+"""Service settings, read from `BLINK_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda", "tensorrt"]
+Variant = Literal["auto", "fp32", "int8", "fp16"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLINK_", extra="ignore", protected_namespaces=())
+
+    model: Path = Field(
+        Path("models/repository/fashion-mnist"),
+        description="A bundle directory, or a <repository>/<name> directory holding `latest`.",
+    )
+    device: Device = "auto"
+    model_variant: Variant = "auto"
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="Wait this long for fuller batches.")
+    queue_capacity: int = Field(1024, ge=1, description="Requests waiting beyond this get 503.")
+    engine_slots: int = Field(1, ge=1, le=64, description="Batches in flight at once.")
+    request_timeout_ms: float = Field(5000.0, gt=0, description="Deadline from arrival.")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Width x height before decoding.")
+    decode_threads: int = Field(0, ge=0, description="Decode pool size; 0 = one per usable core.")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores / workers.")
+    workers: int = Field(1, ge=1, le=256)
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False
+
+    def intra_op_threads(self) -> int:
+        """Split the usable cores between workers so they do not oversubscribe."""
+        if self.threads:
+            return self.threads
+        return max(1, usable_cores() // self.workers)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, build the default model if there is none, serve it.
+#   bash scripts/serve.sh [blink serve options]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ ! -e models/repository/fashion-mnist/latest ]; then
+  echo "No model bundle yet: building the default Fashion-MNIST model (a few minutes)..."
+  blink build
+fi
+exec blink serve "$@"

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny real bundles, the in-process app, and real uvicorn servers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from app.main import create_app
+from app.settings import Settings
+from tests.onnx_models import write_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A grey 28x28 bundle with fp32 and int8 variants."""
+    return write_bundle(tmp_path_factory.mktemp("bundle") / "tiny" / "1", extra_variants=("int8",))
+
+
+@pytest.fixture(scope="session")
+def slow_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle whose every batch costs tens of milliseconds, to hold the engine busy."""
+    return write_bundle(tmp_path_factory.mktemp("slow") / "slow" / "1", slow_matmul=2048)
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    settings: Settings, *, wait_ready: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app in-process (lifespan included), with an httpx client bound to it."""
+    app = create_app(settings)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://blink") as client:
+            if wait_ready:
+                for _ in range(600):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await _sleep(0.01)
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+@pytest.fixture
+async def client(bundle_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_app(Settings(model=bundle_dir, threads=1)) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(
+    model: Path, *, wait_ready: bool = True, timeout: float = 60, **settings: object
+) -> Iterator[str]:
+    """`python -m app serve` on a free loopback port; yields its base URL, stops it after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BLINK_", "PROMETHEUS_"))}
+    env.update({f"BLINK_{k.upper()}": str(v) for k, v in settings.items()})
+    env.update(BLINK_MODEL=str(model), BLINK_HOST="127.0.0.1", BLINK_PORT=str(port))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, "/readyz" if wait_ready else "/healthz", process, timeout)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_for(url: str, path: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url}{path} not 200 after {timeout}s")

@@ -1,0 +1,157 @@
+"""Tiny real ONNX classifiers and bundles for tests, built with onnx.helper (no torch)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LABELS = [f"class-{i}" for i in range(10)]
+
+
+def tiny_cnn(
+    channels: int = 1,
+    size: int = 28,
+    classes: int = 10,
+    *,
+    seed: int = 0,
+    slow_matmul: int = 0,
+) -> onnx.ModelProto:
+    """Conv(8) -> ReLU -> Conv(16, stride 2) -> ReLU -> GAP -> Gemm: a real, small CNN.
+
+    `slow_matmul=n` adds an n x n by n x n MatMul scaled by the input's mean, whose cost does not
+    depend on the batch size, so tests can hold the engine busy for a known while.
+    """
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        fan_in = int(np.prod(shape[1:])) or 1
+        values = rng.normal(0, (2 / fan_in) ** 0.5, shape).astype(np.float32)
+        return numpy_helper.from_array(values, name)
+
+    initializers = [
+        weight("w1", 8, channels, 3, 3),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
+        weight("w2", 16, 8, 3, 3),
+        numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b2"),
+        weight("w3", classes, 16),
+        numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "b3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node(
+            "Gemm", ["flat", "w3", "b3"], ["pre" if slow_matmul else "logits"], transB=1
+        ),
+    ]
+    if slow_matmul:
+        big = rng.normal(0, 1 / slow_matmul, (slow_matmul, slow_matmul)).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(big, "big"),
+            numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+        ]
+        nodes += [
+            helper.make_node("ReduceMean", ["input"], ["m"], keepdims=0),
+            helper.make_node("Mul", ["big", "m"], ["scaled"]),
+            helper.make_node("MatMul", ["scaled", "big"], ["product"]),
+            helper.make_node("ReduceMean", ["product"], ["busy"], keepdims=0),
+            # busy * 0 keeps the work in the graph without changing the logits
+            helper.make_node("Mul", ["busy", "zero"], ["nothing"]),
+            helper.make_node("Add", ["pre", "nothing"], ["logits"]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_cnn",
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["batch", channels, size, size]
+            )
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_bundle(
+    directory: Path,
+    *,
+    channels: int = 1,
+    size: int = 28,
+    labels: list[str] | None = None,
+    slow_matmul: int = 0,
+    seed: int = 0,
+    name: str = "tiny",
+    version: str = "1",
+    extra_variants: tuple[str, ...] = (),
+) -> Path:
+    """Write a complete bundle (manifest + model files) and return its directory."""
+    labels = labels or LABELS
+    directory.mkdir(parents=True, exist_ok=True)
+    model = tiny_cnn(channels, size, len(labels), seed=seed, slow_matmul=slow_matmul)
+    files = {"fp32": "model.onnx"}
+    onnx.save(model, directory / files["fp32"])
+    if "int8" in extra_variants:
+        files["int8"] = "model.int8.onnx"
+        quantize_int8(directory / files["fp32"], directory / files["int8"], channels, size)
+    variants = {}
+    for precision, file in files.items():
+        data = (directory / file).read_bytes()
+        variants[precision] = {
+            "file": file,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
+    manifest = {
+        "schema": 1,
+        "name": name,
+        "version": version,
+        "created": "2026-11-23T00:00:00Z",
+        "labels": labels,
+        "input": {
+            "name": "input",
+            "height": size,
+            "width": size,
+            "channels": channels,
+            "color": "L" if channels == 1 else "RGB",
+            "resize": "center_crop",
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+        },
+        "output": {"name": "logits", "kind": "logits"},
+        "variants": variants,
+        "metrics": {p: {"accuracy": 0.1} for p in files},
+        "provenance": {"dataset": "synthetic", "seed": seed},
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
+def quantize_int8(source: Path, target: Path, channels: int, size: int) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    rng = np.random.default_rng(1)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(
+                [{"input": rng.normal(0, 1, (4, channels, size, size)).astype(np.float32)}] * 4
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(
+        str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True
+    )
