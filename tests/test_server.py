@@ -1,0 +1,162 @@
+"""A real uvicorn server: batching under concurrency, overload, deadlines, disconnects, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from app.bundle import load_bundle
+from app.postprocess import top_k
+from app.preprocess import Preprocessor
+from tests.conftest import live_server
+from tests.images import png
+from tests.metrics_text import scrape, value
+
+PNG = {"content-type": "image/png"}
+
+
+async def post_all(url: str, bodies: list[bytes], **params) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        return await asyncio.gather(
+            *(client.post("/classify", content=b, headers=PNG, params=params) for b in bodies)
+        )
+
+
+def reference_predictions(bundle_dir, body: bytes, variant_file: str) -> list[dict]:
+    """The same image run alone through its own session: what batching must reproduce."""
+    manifest = load_bundle(bundle_dir).manifest
+    session = ort.InferenceSession(
+        str(bundle_dir / variant_file), providers=["CPUExecutionProvider"]
+    )
+    tensor = Preprocessor(manifest.input)(body)
+    (logits,) = session.run(["logits"], {"input": tensor})
+    return top_k(logits[0], 10, manifest.labels)
+
+
+def test_concurrent_requests_form_batches_with_single_image_answers(slow_bundle_dir):
+    bodies = [png(seed) for seed in range(24)]
+    with live_server(slow_bundle_dir, max_batch_size=32, threads=1) as url:
+        responses = asyncio.run(post_all(url, bodies, top_k=10))
+        samples = scrape(url)
+    assert [r.status_code for r in responses] == [200] * 24
+    batches = value(samples, "blink_batch_size_count")
+    assert value(samples, "blink_batch_size_sum") == 24
+    assert batches < 24, "no batch larger than one image formed"
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.json()["predictions"] == reference_predictions(
+            slow_bundle_dir, body, "model.onnx"
+        )
+
+
+def test_full_queue_answers_503_with_retry_after(slow_bundle_dir):
+    with live_server(slow_bundle_dir, queue_capacity=2, max_batch_size=2) as url:
+        responses = asyncio.run(post_all(url, [png(i) for i in range(12)]))
+        samples = scrape(url)
+    statuses = [r.status_code for r in responses]
+    rejected = [r for r in responses if r.status_code == 503]
+    assert rejected and 200 in statuses and set(statuses) <= {200, 503}
+    for r in rejected:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded"
+    assert value(samples, "blink_rejections_total", reason="queue_full") == len(rejected)
+    assert value(samples, "blink_batch_size_sum") == statuses.count(200)
+
+
+def test_deadline_answers_504_and_queued_requests_never_run(slow_bundle_dir):
+    with live_server(slow_bundle_dir, request_timeout_ms=60, max_batch_size=1) as url:
+        responses = asyncio.run(post_all(url, [png(i) for i in range(6)]))
+        time.sleep(1)  # let the batch that was running when its deadline passed finish
+        samples = scrape(url)
+    late = [r for r in responses if r.status_code == 504]
+    assert len(late) >= 5, [r.status_code for r in responses]
+    assert all(r.json()["error"]["code"] == "deadline_exceeded" for r in late)
+    assert value(samples, "blink_rejections_total", reason="deadline") == len(late)
+    # With batches of one, at most the first two requests can have reached the engine.
+    assert value(samples, "blink_batch_size_sum") <= 2
+
+
+def test_disconnected_client_request_never_reaches_the_engine(slow_bundle_dir):
+    with live_server(slow_bundle_dir, max_batch_size=8) as url:
+
+        async def scenario() -> int:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                busy = asyncio.ensure_future(client.post("/classify", content=png(1), headers=PNG))
+                await asyncio.sleep(0.03)  # the engine is now running `busy`
+                host, port = urlsplit(url).hostname, urlsplit(url).port
+                body = png(2)
+                with socket.create_connection((host, port)) as raw:
+                    raw.sendall(
+                        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                        + body
+                    )
+                    await asyncio.sleep(0.01)
+                return (await busy).status_code
+
+        assert asyncio.run(scenario()) == 200
+        samples = {}
+        for _ in range(100):
+            samples = scrape(url)
+            if value(samples, "blink_rejections_total", reason="disconnected"):
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # had it been queued, its batch would have run by now
+        samples = scrape(url)
+    assert value(samples, "blink_rejections_total", reason="disconnected") == 1
+    assert value(samples, "blink_batch_size_sum") == 1
+    assert value(samples, "blink_requests_total", route="/classify", status="499") == 1
+
+
+def test_not_ready_until_warm_up_finishes(slow_bundle_dir):
+    with live_server(slow_bundle_dir, wait_ready=False, max_batch_size=16, threads=1) as url:
+        first = httpx.get(url + "/readyz")
+        classify = httpx.post(url + "/classify", content=png(), headers=PNG)
+        assert first.status_code == 503, "warm-up of 16 slow batch sizes cannot be done yet"
+        assert first.json()["error"]["code"] == "not_ready"
+        assert classify.status_code == 503 and classify.headers["retry-after"] == "1"
+        for _ in range(600):
+            if httpx.get(url + "/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert httpx.get(url + "/readyz").status_code == 200
+        assert httpx.post(url + "/classify", content=png(), headers=PNG).status_code == 200
+
+
+def test_two_workers_share_one_set_of_metrics(bundle_dir):
+    with live_server(bundle_dir, workers=2, threads=1) as url:
+        for _ in range(100):  # readyz answered by one worker; wait until both are serving
+            if value(scrape(url), "blink_engine_slots") == 2:
+                break
+            time.sleep(0.1)
+        bodies = [png(i) for i in range(40)]
+        for body in bodies:  # a new connection each: the kernel spreads them over workers
+            assert httpx.post(url + "/classify", content=body, headers=PNG).status_code == 200
+        samples = scrape(url)
+    assert value(samples, "blink_engine_slots") == 2  # one slot per worker, summed
+    assert value(samples, "blink_requests_total", route="/classify", status="200") == 40
+    assert value(samples, "blink_request_duration_seconds_count", route="/classify") == 40
+    assert value(samples, "blink_batch_size_sum") == 40
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) absent")
+def test_metrics_pass_promtool(bundle_dir):
+    with live_server(bundle_dir) as url:
+        asyncio.run(post_all(url, [png(i) for i in range(8)]))
+        httpx.post(url + "/classify", content=b"junk", headers=PNG)
+        text = httpx.get(url + "/metrics").text
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "blink_queue_wait_seconds_bucket" in text
+    assert np.isfinite(float(text.split("blink_model_info{")[1].split("} ")[1].split()[0]))
