@@ -11,14 +11,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from app.errors import BlinkError, InvalidParameter, error_body
 from app.metrics import ServiceMetrics, mark_worker_exit
 from app.openapi import build_openapi
 from app.routes import health, metrics, models
-from app.routes.classify import ClassifyRoute
+from app.routes.classify import ClassifyRoute, classify
 from app.service import ModelService
 from app.settings import Settings, get_settings
+from app.v2.routes import router as v2_router
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
@@ -59,7 +61,26 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return json_error(500, "internal", "internal error")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+class BlinkApp:
+    """The ASGI entry point: POST /classify goes straight to its handler, the rest to FastAPI.
+
+    For a small CNN the framework layers cost more than inference (bench/run.py measures it),
+    so the hot path skips FastAPI's middleware stack; the same handler stays mounted as a
+    Starlette route (OpenAPI, other methods -> 405, mounts under a root path).
+    """
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+        self.state = api.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/classify" and scope["method"] == "POST":
+            await classify(self.state.service, scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> BlinkApp:
     app = FastAPI(
         title="Blink",
         version="0.1.0",
@@ -76,5 +97,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.routes.append(Route("/classify", ClassifyRoute(), methods=["POST"], name="classify"))
     for router in (health.router, models.router, metrics.router):
         app.include_router(router)
+    app.include_router(v2_router)  # the Open Inference Protocol (KServe V2)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
-    return app
+    return BlinkApp(app)

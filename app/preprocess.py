@@ -20,6 +20,12 @@ from app.bundle import InputSpec
 from app.errors import BadImage, PayloadTooLarge
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+MAGIC_BYTES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not grey pixels
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -43,7 +49,7 @@ class Preprocessor:
         if not data:
             raise BadImage("empty body: send an encoded JPEG, PNG, WebP, BMP or GIF image")
         try:
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=sniff_format(data))
         except Image.DecompressionBombError as exc:
             raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -76,9 +82,9 @@ class Preprocessor:
             raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise BadImage(f"image data is corrupt or truncated: {exc}") from exc
-        pixels = np.asarray(image, dtype=np.float32)
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
+        # frombuffer over tobytes is cheaper than np.asarray(image), which goes the same way
+        width, height = image.size
+        pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, -1)
         normalised = pixels * self._scale + self._bias
         return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
 
@@ -106,6 +112,16 @@ class Preprocessor:
         crop_w, crop_h = box[2] - box[0], box[3] - box[1]
         scale = max(self.size[0] / crop_w, self.size[1] / crop_h)
         return (max(1, int(np.ceil(size[0] * scale))), max(1, int(np.ceil(size[1] * scale))))
+
+
+def sniff_format(data: bytes) -> tuple[str, ...]:
+    """The format the magic bytes announce, so Pillow tries one plugin instead of five."""
+    for magic, fmt in MAGIC_BYTES:
+        if data.startswith(magic):
+            return (fmt,)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ("WEBP",)
+    return ACCEPTED_FORMATS
 
 
 def to_color(image: Image.Image, color: str) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,9 @@ class ModelService:
             self.warm_up_error = str(exc)
             log.exception("warm-up failed")
             return
+        # Objects alive now live for the whole process: keep the collector from rescanning them.
+        gc.collect()
+        gc.freeze()
         self.ready = True
         log.info("ready", extra={"warm_up_s": round(time.perf_counter() - started, 3)})
 

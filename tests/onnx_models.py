@@ -20,36 +20,42 @@ def tiny_cnn(
     *,
     seed: int = 0,
     slow_matmul: int = 0,
+    widths: tuple[int, ...] = (8, 16),
 ) -> onnx.ModelProto:
-    """Conv(8) -> ReLU -> Conv(16, stride 2) -> ReLU -> GAP -> Gemm: a real, small CNN.
+    """Conv 3x3 blocks (stride 2 after the first) with ReLU -> GAP -> Gemm: a real CNN.
 
+    `widths=(32, 64, 128, 192)` gives ~300k parameters, the size of the default build's model.
     `slow_matmul=n` adds an n x n by n x n MatMul scaled by the input's mean, whose cost does not
     depend on the batch size, so tests can hold the engine busy for a known while.
     """
     rng = np.random.default_rng(seed)
 
-    def weight(name: str, *shape: int) -> onnx.TensorProto:
+    def tensor(name: str, *shape: int, scale: float | None = None) -> onnx.TensorProto:
         fan_in = int(np.prod(shape[1:])) or 1
-        values = rng.normal(0, (2 / fan_in) ** 0.5, shape).astype(np.float32)
-        return numpy_helper.from_array(values, name)
+        std = scale if scale is not None else (2 / fan_in) ** 0.5
+        return numpy_helper.from_array(rng.normal(0, std, shape).astype(np.float32), name)
 
-    initializers = [
-        weight("w1", 8, channels, 3, 3),
-        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
-        weight("w2", 16, 8, 3, 3),
-        numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b2"),
-        weight("w3", classes, 16),
-        numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "b3"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+    initializers, nodes, previous, source = [], [], channels, "input"
+    for i, width in enumerate(widths):
+        initializers += [tensor(f"w{i}", width, previous, 3, 3), tensor(f"b{i}", width, scale=0.1)]
+        stride = 1 if i == 0 else 2
+        nodes += [
+            helper.make_node(
+                "Conv",
+                [source, f"w{i}", f"b{i}"],
+                [f"c{i}"],
+                pads=[1, 1, 1, 1],
+                strides=[stride] * 2,
+            ),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
+        ]
+        previous, source = width, f"r{i}"
+    initializers += [tensor("wf", classes, previous), tensor("bf", classes, scale=0.1)]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [source], ["gap"]),
         helper.make_node("Flatten", ["gap"], ["flat"]),
         helper.make_node(
-            "Gemm", ["flat", "w3", "b3"], ["pre" if slow_matmul else "logits"], transB=1
+            "Gemm", ["flat", "wf", "bf"], ["pre" if slow_matmul else "logits"], transB=1
         ),
     ]
     if slow_matmul:
@@ -91,6 +97,7 @@ def write_bundle(
     size: int = 28,
     labels: list[str] | None = None,
     slow_matmul: int = 0,
+    widths: tuple[int, ...] = (8, 16),
     seed: int = 0,
     name: str = "tiny",
     version: str = "1",
@@ -99,7 +106,7 @@ def write_bundle(
     """Write a complete bundle (manifest + model files) and return its directory."""
     labels = labels or LABELS
     directory.mkdir(parents=True, exist_ok=True)
-    model = tiny_cnn(channels, size, len(labels), seed=seed, slow_matmul=slow_matmul)
+    model = tiny_cnn(channels, size, len(labels), seed=seed, slow_matmul=slow_matmul, widths=widths)
     files = {"fp32": "model.onnx"}
     onnx.save(model, directory / files["fp32"])
     if "int8" in extra_variants:

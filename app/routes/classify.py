@@ -8,6 +8,7 @@ Its OpenAPI description is written by hand in app/openapi.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from app.errors import (
     Overloaded,
     PayloadTooLarge,
     UnsupportedMediaType,
+    error_body,
 )
 from app.service import ModelService
 
@@ -52,9 +54,8 @@ MULTIPART = "multipart/form-data"
 REJECTION_REASONS = {Overloaded: "queue_full", NotReady: "not_ready", DeadlineExceeded: "deadline"}
 
 
-async def classify(scope: Scope, receive: Receive, send: Send) -> None:
+async def classify(service: ModelService, scope: Scope, receive: Receive, send: Send) -> None:
     started = time.perf_counter()
-    service: ModelService = scope["app"].state.service
     metrics = service.metrics
     headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
     request_id = (headers.get(b"x-request-id") or os.urandom(8).hex().encode())[:128]
@@ -103,6 +104,11 @@ async def classify(scope: Scope, receive: Receive, send: Send) -> None:
                 "reason": exc.message,
             },
         )
+    except Exception:  # a bug, not the client's doing: answer 500 and keep serving
+        status = 500
+        log.exception("classify failed", extra={"request_id": request_id.decode(errors="replace")})
+        with contextlib.suppress(Exception):  # the response may already have started
+            await respond(send, 500, error_body("internal", "internal error"), request_id, [])
     finally:
         elapsed = time.perf_counter() - started
         metrics.in_flight.dec()
@@ -249,4 +255,4 @@ class ClassifyRoute:
     scope/receive/send instead of wrapping them in a Request/Response cycle."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await classify(scope, receive, send)
+        await classify(scope["app"].state.service, scope, receive, send)

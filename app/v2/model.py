@@ -1,0 +1,222 @@
+"""The served model as the protocol describes it: metadata, config, accepted inputs, outputs.
+
+Two inputs, of which a request sends one: the model's own FP32 tensor `[N, C, H, W]`, already
+preprocessed as the manifest says, or `image`, a BYTES tensor `[N]` of encoded images that the
+server decodes exactly as /classify does. Two outputs: `logits` and `probabilities`, `[N, classes]`.
+"""
+
+from __future__ import annotations
+
+from weakref import WeakKeyDictionary
+
+import numpy as np
+import orjson
+
+from app.postprocess import softmax, top_k
+from app.service import ModelService
+from app.v2.codec import BYTES, OutputTensor, RequestedOutput, Tensor, bad
+from app.v2.errors import V2Error
+from app.v2.stats import ModelStatistics
+
+LOGITS, PROBABILITIES = "logits", "probabilities"
+OUTPUTS = (LOGITS, PROBABILITIES)
+IMAGE = "image"
+PLATFORM = "onnxruntime_onnx"
+
+_served: WeakKeyDictionary[ModelService, ServedModel] = WeakKeyDictionary()
+
+
+def served_model(service: ModelService) -> ServedModel:
+    """One description (and one set of statistics) per loaded model."""
+    model = _served.get(service)
+    if model is None:
+        model = _served[service] = ServedModel(service)
+    return model
+
+
+class ServedModel:
+    def __init__(self, service: ModelService) -> None:
+        manifest = service.bundle.manifest
+        spec = manifest.input
+        self.name, self.version, self.labels = manifest.name, manifest.version, manifest.labels
+        self.tensor_input = spec.name
+        self.image_input = IMAGE if spec.name != IMAGE else f"encoded_{IMAGE}"
+        self.sample_shape = (spec.channels, spec.height, spec.width)
+        self.max_batch_size = service.settings.max_batch_size
+        self.stats = ModelStatistics()
+        self.metadata = self._metadata()
+        self.config = self._config(service)
+
+    # -- which model --------------------------------------------------------------------------
+
+    def check(self, name: str, version: str | None) -> None:
+        if name != self.name:
+            raise V2Error(404, f"unknown model {name!r}: this server serves {self.name!r}")
+        if version and version != self.version:
+            raise V2Error(
+                404,
+                f"unknown version {version!r} of model {name!r}: "
+                f"the served version is {self.version!r}",
+            )
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def expected_inputs(self) -> str:
+        c, h, w = self.sample_shape
+        return (
+            f"{self.tensor_input!r} (FP32 [N, {c}, {h}, {w}], preprocessed) or "
+            f"{self.image_input!r} (BYTES [N], encoded images)"
+        )
+
+    def read_input(self, inputs: list[Tensor]) -> np.ndarray | list[bytes]:
+        """The request's pixels as float32 [N, C, H, W], or its encoded images."""
+        if len(inputs) != 1:
+            raise bad(f"send exactly one input, {self.expected_inputs()}; got {len(inputs)}")
+        (tensor,) = inputs
+        if tensor.name == self.tensor_input:
+            return self._pixels(tensor)
+        if tensor.name == self.image_input:
+            return self._images(tensor)
+        raise bad(f"unknown input {tensor.name!r}: send {self.expected_inputs()}")
+
+    def _pixels(self, tensor: Tensor) -> np.ndarray:
+        expected = [-1, *self.sample_shape]
+        shape_ok = len(tensor.shape) == 4 and tensor.shape[1:] == self.sample_shape
+        if tensor.datatype != "FP32" or not shape_ok or tensor.shape[0] < 1:
+            raise bad(
+                f"input {tensor.name!r} must be FP32 with shape {expected} (N >= 1), "
+                f"got {tensor.datatype} {list(tensor.shape)}"
+            )
+        if not np.isfinite(tensor.data).all():
+            raise bad(f"input {tensor.name!r} holds NaN or infinite values")
+        return np.ascontiguousarray(tensor.data, np.float32)
+
+    def _images(self, tensor: Tensor) -> list[bytes]:
+        # [N] as the metadata says, or [N, 1] as Triton's config (dims [1]) leads tools to send
+        shape_ok = len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)
+        if tensor.datatype != BYTES or not shape_ok or tensor.shape[0] < 1:
+            raise bad(
+                f"input {tensor.name!r} must be BYTES with shape [-1] (N >= 1 encoded images), "
+                f"got {tensor.datatype} {list(tensor.shape)}"
+            )
+        return tensor.data.tolist()
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def requested(
+        self, outputs: list[RequestedOutput] | None, binary: bool
+    ) -> list[RequestedOutput]:
+        """The outputs to answer (all of them when none are named), checked before inference."""
+        if outputs is None:
+            return [RequestedOutput(name, binary) for name in OUTPUTS]
+        for output in outputs:
+            if output.name not in OUTPUTS:
+                raise bad(f"unknown output {output.name!r}: outputs are {list(OUTPUTS)}")
+        return outputs
+
+    def outputs(self, logits: np.ndarray, requested: list[RequestedOutput]) -> list[OutputTensor]:
+        logits = logits.astype(np.float32, copy=False)
+        probabilities = None
+        answers = []
+        for output in requested:
+            if output.classification:
+                data = self._classification(logits, output.name, output.classification)
+                answers.append(OutputTensor(output.name, BYTES, data, output.binary))
+                continue
+            if output.name == LOGITS:
+                data = logits
+            else:
+                if probabilities is None:
+                    probabilities = softmax(logits).astype(np.float32)
+                data = probabilities
+            answers.append(OutputTensor(output.name, "FP32", data, output.binary))
+        return answers
+
+    def _classification(self, logits: np.ndarray, name: str, k: int) -> np.ndarray:
+        """Triton's classification extension: the top k as "score:index:label", best first.
+
+        The ranking and the probabilities come from app.postprocess, as /classify's do, so
+        both routes print the same scores; for `logits` the score is the logit itself.
+        """
+        k = min(k, len(self.labels))
+        rows = []
+        for row in logits:
+            best = top_k(row, k, self.labels)
+            if name == PROBABILITIES:
+                rows.append([f"{p['score']!r}:{p['index']}:{p['label']}".encode() for p in best])
+            else:
+                rows.append([f"{row[p['index']]}:{p['index']}:{p['label']}".encode() for p in best])
+        answer = np.empty((len(rows), k), dtype=object)
+        answer[:] = rows
+        return answer
+
+    # -- descriptions --------------------------------------------------------------------------
+
+    def _metadata(self) -> dict:
+        classes = len(self.labels)
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": PLATFORM,
+            "inputs": [
+                {"name": self.tensor_input, "datatype": "FP32", "shape": [-1, *self.sample_shape]},
+                {"name": self.image_input, "datatype": BYTES, "shape": [-1]},
+            ],
+            "outputs": [
+                {"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUTS
+            ],
+        }
+
+    def _config(self, service: ModelService) -> dict:
+        """Triton's model configuration, in its JSON form, so Triton tooling can read it."""
+        settings, engine = service.settings, service.engine
+        on_gpu = engine.provider != "CPUExecutionProvider"
+        return {
+            "name": self.name,
+            "platform": PLATFORM,
+            "backend": "onnxruntime",
+            "version_policy": {"specific": {"versions": [self.version]}},
+            "max_batch_size": self.max_batch_size,
+            "input": [
+                {
+                    "name": self.tensor_input,
+                    "data_type": "TYPE_FP32",
+                    "format": "FORMAT_NCHW",
+                    "dims": list(self.sample_shape),
+                    "optional": True,
+                },
+                {
+                    "name": self.image_input,
+                    "data_type": "TYPE_STRING",
+                    "format": "FORMAT_NONE",
+                    "dims": [1],
+                    "reshape": {"shape": []},
+                    "optional": True,
+                },
+            ],
+            "output": [
+                {"name": name, "data_type": "TYPE_FP32", "dims": [len(self.labels)]}
+                for name in OUTPUTS
+            ],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": round(settings.max_queue_delay_ms * 1000),
+                "default_queue_policy": {
+                    "timeout_action": "REJECT",
+                    "default_timeout_microseconds": round(settings.request_timeout_ms * 1000),
+                    "allow_timeout_override": True,
+                    "max_queue_size": settings.queue_capacity,
+                },
+            },
+            "instance_group": [
+                {
+                    "name": f"{self.name}_0",
+                    "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
+                    "count": settings.engine_slots,
+                }
+            ],
+            "parameters": {
+                "variant": {"string_value": engine.variant},
+                "execution_provider": {"string_value": engine.provider},
+                "labels": {"string_value": orjson.dumps(self.labels).decode()},
+            },
+        }

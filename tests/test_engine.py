@@ -1,0 +1,91 @@
+"""Provider and variant choice, GPU batch buckets, and the CPU session."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from app.bundle import BundleError, load_bundle
+from app.engine import (
+    Engine,
+    EngineError,
+    batch_buckets,
+    bucket_for,
+    choose_device,
+    choose_variant,
+)
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+
+@pytest.mark.parametrize(
+    ("requested", "available", "expected"),
+    [
+        ("auto", [CPU], "cpu"),
+        ("auto", [CUDA, CPU], "cuda"),
+        ("auto", [TRT, CUDA, CPU], "tensorrt"),
+        ("auto", ["AzureExecutionProvider", CPU], "cpu"),
+        ("cpu", [TRT, CUDA, CPU], "cpu"),
+        ("cuda", [TRT, CUDA, CPU], "cuda"),
+    ],
+)
+def test_choose_device(requested, available, expected):
+    assert choose_device(requested, available) == expected
+
+
+@pytest.mark.parametrize("requested", ["cuda", "tensorrt"])
+def test_choose_device_refuses_a_missing_provider(requested):
+    with pytest.raises(EngineError, match="offers only"):
+        choose_device(requested, [CPU])
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "variants", "expected"),
+    [
+        ("auto", "cpu", ["fp32", "int8", "fp16"], "int8"),
+        ("auto", "cpu", ["fp32"], "fp32"),
+        ("auto", "cuda", ["fp32", "int8", "fp16"], "fp16"),
+        ("auto", "tensorrt", ["fp32", "int8"], "fp32"),
+        ("fp32", "cpu", ["fp32", "int8"], "fp32"),
+    ],
+)
+def test_choose_variant(requested, device, variants, expected):
+    assert choose_variant(requested, device, variants) == expected
+
+
+def test_choose_variant_refuses_one_the_bundle_lacks():
+    with pytest.raises(BundleError, match="not in the bundle"):
+        choose_variant("fp16", "cpu", ["fp32", "int8"])
+
+
+def test_batch_buckets():
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_buckets(1) == [1]
+    assert [bucket_for(n, batch_buckets(24)) for n in (1, 3, 9, 17, 24)] == [1, 4, 16, 24, 24]
+
+
+def test_cpu_engine_runs_the_chosen_variant(bundle_dir):
+    engine = Engine(load_bundle(bundle_dir), device="auto", variant="auto", max_batch_size=4)
+    assert (engine.device, engine.variant, engine.provider) == ("cpu", "int8", CPU)
+    assert engine.buckets is None  # no padding on CPU
+    engine.warm_up()
+    batch = np.random.default_rng(0).normal(0, 1, (3, 1, 28, 28)).astype(np.float32)
+    logits = engine.run(batch)
+    assert logits.shape == (3, 10) and logits.dtype == np.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDAExecutionProvider in this ONNX Runtime (no GPU)")
+@pytest.mark.parametrize("device", ["cuda", "tensorrt"])
+def test_gpu_engine_matches_cpu(bundle_dir, device):
+    if device == "tensorrt" and TRT not in ort.get_available_providers():
+        pytest.skip("no TensorrtExecutionProvider in this ONNX Runtime")
+    bundle = load_bundle(bundle_dir)
+    gpu = Engine(bundle, device=device, variant="fp32", max_batch_size=8)
+    cpu = Engine(bundle, device="cpu", variant="fp32", max_batch_size=8)
+    gpu.warm_up()
+    batch = np.random.default_rng(0).normal(0, 1, (5, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(gpu.run(batch), cpu.run(batch), atol=1e-3)
