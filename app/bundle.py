@@ -115,7 +115,12 @@ def resolve_bundle_dir(path: Path) -> Path:
     if latest.is_dir():
         return latest.resolve()
     if latest.is_file():  # a pointer file naming the version, where symlinks are unavailable
-        return path / latest.read_text().strip()
+        version = latest.read_text().strip()
+        if not version or not (path / version).is_dir():
+            raise BundleError(f"{latest} names version {version!r}, which is not in {path}")
+        return path / version
+    if latest.is_symlink():  # dangling: the version it named is gone
+        raise BundleError(f"{latest} points to {latest.readlink()}, which does not exist")
     if not path.exists():
         raise BundleError(f"model bundle not found: {path} does not exist")
     raise BundleError(f"no {MANIFEST_FILE} in {path} (and no '{LATEST_POINTER}' pointer)")

@@ -64,15 +64,30 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check_bundle(settings) -> None:
-    import onnxruntime as ort
+    """Open the session the workers will open: a bundle ONNX Runtime cannot load fails here.
 
-    from app.bundle import load_bundle, verify_variant
-    from app.engine import choose_device, choose_variant
+    Left to the workers, it would end in a traceback per worker, and with several workers
+    uvicorn's parent exits 0.
+    """
+    from app.bundle import BundleError, load_bundle
+    from app.engine import Engine
 
     bundle = load_bundle(settings.model)
-    device = choose_device(settings.device, ort.get_available_providers())
-    variant = choose_variant(settings.model_variant, device, bundle.manifest.variants)
-    verify_variant(bundle, variant)
+    engine = Engine(
+        bundle,
+        device=settings.device,
+        variant=settings.model_variant,
+        threads=1,
+        max_batch_size=settings.max_batch_size,
+    )
+    # a label per output: fewer would fail every request, more would name classes never given
+    (output,) = [o for o in engine.session.get_outputs() if o.name == engine.output_name]
+    classes, labels = output.shape[-1], len(bundle.manifest.labels)
+    if isinstance(classes, int) and classes != labels:
+        raise BundleError(
+            f"{bundle.variant_path(engine.variant)} outputs {classes} classes "
+            f"but the manifest has {labels} labels"
+        )
 
 
 def prepare_multiprocess_metrics() -> None:

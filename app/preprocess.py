@@ -50,8 +50,9 @@ class Preprocessor:
             raise BadImage("empty body: send an encoded JPEG, PNG, WebP, BMP or GIF image")
         try:
             image = Image.open(io.BytesIO(data), formats=sniff_format(data))
-        except Image.DecompressionBombError as exc:
-            raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
+        except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice its limit
+            limit = min(self.max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0))
+            raise PayloadTooLarge(f"image has too many pixels; the limit is {limit}") from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise BadImage("not a decodable JPEG, PNG, WebP, BMP or GIF image") from exc
         width, height = image.size

@@ -24,3 +24,27 @@ def write_bodies(directory: Path, count: int = 256) -> int:
     for i, pixels in enumerate(grey_images(count)):
         Image.fromarray(pixels, "L").save(directory / f"{i}.bin", "PNG")
     return count
+
+
+def write_v2_bodies(directory: Path, source: Path, count: int) -> int:
+    """Open Inference Protocol requests for the same images, as a Triton client encodes them.
+
+    Each `i.bin` is a binary-tensor request (JSON header, then the PNG bytes as a BYTES tensor,
+    asking for top-5 classification in binary), and `i.headers` carries its per-request header.
+    """
+    import tritonclient.http as triton
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        png = (source / f"{i}.bin").read_bytes()
+        tensor = triton.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([png], dtype=np.object_), binary_data=True)
+        output = triton.InferRequestedOutput("probabilities", binary_data=True, class_count=5)
+        body, json_size = triton.InferenceServerClient.generate_request_body(
+            [tensor], outputs=[output]
+        )
+        (directory / f"{i}.bin").write_bytes(body)
+        (directory / f"{i}.headers").write_text(
+            f"Inference-Header-Content-Length: {json_size}\n" if json_size else ""
+        )
+    return count

@@ -1,6 +1,7 @@
 -- wrk script: POST a rotating set of image bodies; print exact latency percentiles as JSON.
 -- BENCH_BODIES: a directory of files named 0.bin, 1.bin, ... (the request bodies)
 -- BENCH_COUNT: how many; BENCH_PATH: the URL path; BENCH_TYPE: the Content-Type
+-- An optional i.headers file beside i.bin adds "Name: value" lines as headers of that request.
 local dir = os.getenv("BENCH_BODIES")
 local count = tonumber(os.getenv("BENCH_COUNT"))
 local path = os.getenv("BENCH_PATH") or "/classify"
@@ -13,7 +14,15 @@ function init(args)
     local file = assert(io.open(dir .. "/" .. i .. ".bin", "rb"))
     local body = file:read("*all")
     file:close()
-    prepared[i + 1] = wrk.format("POST", path, { ["Content-Type"] = content_type }, body)
+    local headers = { ["Content-Type"] = content_type }
+    local extra = io.open(dir .. "/" .. i .. ".headers", "r")
+    if extra then
+      for name, value in extra:read("*all"):gmatch("([^:\n]+):%s*([^\n]+)") do
+        headers[name] = value
+      end
+      extra:close()
+    end
+    prepared[i + 1] = wrk.format("POST", path, headers, body)
   end
   index = math.random(count)
 end

@@ -2,8 +2,10 @@
 
 The service is pinned to one core and driven from the other by wrk (closed loop, every latency
 recorded). Beside it, on the same core: (a) the engine ceiling without HTTP, (b) a bare uvicorn
-echo app (the HTTP ceiling), (c) the service with batching off. Rounds are interleaved across
-targets and repeated, so drift on a noisy machine hits all of them alike; the spread is printed.
+echo app (the HTTP ceiling), (c) the service with batching off, (d) the same images through the
+Open Inference Protocol (`/v2/models/<name>/infer`, binary tensors, top-5 classification, as a
+Triton client sends them). Rounds are interleaved across targets and repeated, so drift on a
+noisy machine hits all of them alike; the spread is printed.
 
     python bench/run.py [--model models/repository/fashion-mnist] [--seconds 5] [--repeat 3]
 """
@@ -21,11 +23,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from bench.images import write_bodies
+from bench.images import write_bodies, write_v2_bodies
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "repository" / "fashion-mnist"
@@ -74,8 +77,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, path: str, bodies: Path, count: int, cpu: int, conc: int, seconds: float) -> dict:
-    env = {**os.environ, "BENCH_BODIES": str(bodies), "BENCH_COUNT": str(count), "BENCH_PATH": path}
+@dataclass(frozen=True)
+class Load:
+    """What wrk sends: a route and its request bodies (with optional per-body headers)."""
+
+    path: str
+    bodies: Path
+    count: int
+    content_type: str = "image/png"
+
+
+def wrk(url: str, load: Load, cpu: int, conc: int, seconds: float) -> dict:
+    env = {
+        **os.environ,
+        "BENCH_BODIES": str(load.bodies),
+        "BENCH_COUNT": str(load.count),
+        "BENCH_PATH": load.path,
+        "BENCH_TYPE": load.content_type,
+    }
     command = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s"]
     command += ["--timeout", "10s", "-s", str(LUA), url]
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
@@ -102,7 +121,7 @@ def engine_ceiling(model: Path, bodies: Path, cpu: int, repeat: int) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def targets(model: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
+def servers(model: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
     blink = [sys.executable, "-m", "app", "serve"]
     base = {"BLINK_MODEL": str(model), "BLINK_THREADS": "1", "BLINK_WORKERS": "1"}
     echo = [sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", "{port}"]
@@ -114,22 +133,38 @@ def targets(model: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
     }
 
 
-def measure(args: argparse.Namespace, model: Path, bodies: Path, count: int) -> dict:
+V2_TARGET = "blink, /v2 infer (binary)"
+
+
+def targets(urls: dict, pngs: Load, scratch: Path) -> dict[str, tuple[tuple[str, int], Load]]:
+    """Each measured target: a running server and the load sent to it."""
+    chosen = {name: (url, pngs) for name, url in urls.items()}
+    blink_url = urls["blink"][0]
+    name = httpx.get(blink_url + "/v1/models").json()["models"][0]["name"]
+    v2_bodies = scratch / "v2-bodies"
+    count = write_v2_bodies(v2_bodies, pngs.bodies, pngs.count)
+    v2 = Load(f"/v2/models/{name}/infer", v2_bodies, count, "application/octet-stream")
+    chosen[V2_TARGET] = (urls["blink"], v2)
+    return chosen
+
+
+def measure(args: argparse.Namespace, model: Path, pngs: Load, scratch: Path) -> dict:
     results: dict[str, dict[int, list[dict]]] = {}
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(tempfile.TemporaryFile())  # server logs, kept off the report
         urls = {
             name: stack.enter_context(server(cmd, env, args.server_cpu, ready, log))
-            for name, (cmd, env, ready) in targets(model).items()
+            for name, (cmd, env, ready) in servers(model).items()
         }
+        loads = targets(urls, pngs, scratch)
         for conc in args.concurrency:  # warm-up, not recorded
-            for url, _ in urls.values():
-                wrk(url, "/classify", bodies, count, args.client_cpu, conc, 2)
+            for (url, _), load in loads.values():
+                wrk(url, load, args.client_cpu, conc, 2)
         for round_ in range(args.repeat):
             for conc in args.concurrency:
-                for name, (url, pid) in urls.items():
+                for name, ((url, pid), load) in loads.items():
                     before = cpu_seconds(pid)
-                    run = wrk(url, "/classify", bodies, count, args.client_cpu, conc, args.seconds)
+                    run = wrk(url, load, args.client_cpu, conc, args.seconds)
                     run["cpu_us"] = (cpu_seconds(pid) - before) / run["requests"] * 1e6
                     results.setdefault(name, {}).setdefault(conc, []).append(run)
                     print(
@@ -188,6 +223,10 @@ def report(ceiling: dict, served: dict, args: argparse.Namespace) -> str:
         checks.append(
             (f"c={top} vs batching off", f"{got / nobatch_rps:.2f}x", "> 1x", got > nobatch_rps)
         )
+        v2 = served[V2_TARGET][top]["rps"]["median"]
+        checks.append(
+            (f"c={top} /v2 infer vs /classify", f"{v2 / got:.2f}x", ">= 0.9x", v2 >= 0.9 * got)
+        )
     if 16 in blink:
         p99 = blink[16]["p99_us"]["median"] / 1000
         checks.append(("c=16 p99", f"{p99:.2f} ms", "<= 20 ms", p99 <= 20))
@@ -213,9 +252,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or bench_model(Path(scratch))
         bodies = Path(scratch) / "bodies"
-        count = write_bodies(bodies)
+        pngs = Load("/classify", bodies, write_bodies(bodies))
         ceiling = engine_ceiling(model, bodies, args.server_cpu, args.repeat)
-        served = measure(args, model, bodies, count)
+        served = measure(args, model, pngs, Path(scratch))
     text = report(ceiling, served, args)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything Blink needs on a fresh Debian machine (idempotent; root or sudo).
 #   bash scripts/setup.sh            runtime + build + dev + loadtest extras, dataset, tools
+#   bash scripts/setup.sh --test     also what the container checks need (docker.io, debootstrap)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 APT_PACKAGES=(dataset-fashion-mnist prometheus wrk)
+[ "${1:-}" = "--test" ] && APT_PACKAGES+=(docker.io debootstrap)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

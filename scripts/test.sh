@@ -4,7 +4,7 @@
 #   bash scripts/test.sh -m "not slow"   the fast suite (under 5 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 ruff check .
 ruff format --check .
 exec python3 -m pytest "$@"

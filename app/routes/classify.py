@@ -129,16 +129,16 @@ async def classify(service: ModelService, scope: Scope, receive: Receive, send: 
 def parse_top_k(query_string: bytes, num_classes: int) -> int:
     if not query_string:
         return min(DEFAULT_TOP_K, num_classes)
-    values = parse_qs(query_string.decode("latin-1")).get("top_k")
-    if not values:
+    # keep_blank_values: "top_k=" is a bad value, not an absent one
+    values = parse_qs(query_string.decode("latin-1"), keep_blank_values=True).get("top_k")
+    if values is None:
         return min(DEFAULT_TOP_K, num_classes)
-    try:
-        k = int(values[-1])
-    except ValueError:
-        k = 0
+    text = values[-1]
+    # plain decimal digits only: int() would also take " 5", "1_0" and non-ASCII digits
+    k = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else 0
     if not 1 <= k <= num_classes:
         raise InvalidParameter(
-            f"top_k must be an integer from 1 to {num_classes}, not {values[-1]!r}"
+            f"top_k must be an integer from 1 to {num_classes}, not {text[:32]!r}"
         )
     return k
 
