@@ -20,6 +20,7 @@ from app.routes import health, metrics, models
 from app.routes.classify import ClassifyRoute, classify
 from app.service import ModelService
 from app.settings import Settings, get_settings
+from app.v2.routes import infer_asgi
 from app.v2.routes import router as v2_router
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -62,7 +63,8 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 
 
 class BlinkApp:
-    """The ASGI entry point: POST /classify goes straight to its handler, the rest to FastAPI.
+    """The ASGI entry point: POST /classify and V2 infer go straight to their handlers, the rest
+    to FastAPI.
 
     For a small CNN the framework layers cost more than inference (bench/run.py measures it),
     so the hot path skips FastAPI's middleware stack; the same handler stays mounted as a
@@ -74,10 +76,14 @@ class BlinkApp:
         self.state = api.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/classify" and scope["method"] == "POST":
-            await classify(self.state.service, scope, receive, send)
-        else:
-            await self.api(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST":
+            if scope["path"] == "/classify":
+                return await classify(self.state.service, scope, receive, send)
+            if scope["path"].startswith("/v2/") and await infer_asgi(
+                self.state.service, scope, receive, send
+            ):
+                return None
+        await self.api(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> BlinkApp:

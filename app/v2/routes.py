@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -12,6 +13,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
+from starlette.types import Receive, Scope, Send
 
 from app.batching import ClientGone
 from app.errors import BlinkError, NotReady, Overloaded
@@ -173,8 +175,27 @@ INFER_DOC: dict[str, Any] = {
 @router.post("/models/{model_name}/infer", **INFER_DOC)
 @router.post("/models/{model_name}/versions/{model_version}/infer", **INFER_DOC)
 async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
+    return await answer_infer(request.app.state.service, request, model_name, model_version)
+
+
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+async def infer_asgi(service: ModelService, scope: Scope, receive: Receive, send: Send) -> bool:
+    """The hot path below FastAPI's middleware, as /classify is; False if not an infer path."""
+    match = INFER_PATH.fullmatch(scope["path"])
+    if match is None:
+        return False
+    name, version = match.groups()
+    response = await answer_infer(service, Request(scope, receive), name, version or "")
+    await response(scope, receive, send)
+    return True
+
+
+async def answer_infer(
+    service: ModelService, request: Request, model_name: str, model_version: str
+) -> Response:
     arrival, started = time.monotonic(), time.perf_counter()
-    service: ModelService = request.app.state.service
     metrics = service.metrics
     model = served_model(service)
     status, addressed = 200, False
