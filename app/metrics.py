@@ -14,20 +14,27 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-# 0.1 ms to 10 s, five buckets a decade: sub-millisecond inference and multi-second stalls
-# both land in a bucket narrow enough to read a p99 from.
+# 10 µs to 10 s, five buckets a decade: an idle queue wait (tens of µs), sub-millisecond inference
+# and multi-second stalls all land in a bucket narrow enough to read a p99 from.
 LATENCY_BUCKETS = (
-    *(round(base * 10.0**exp, 6) for exp in range(-4, 1) for base in (1, 2, 3, 5, 7.5)),
+    *(round(base * 10.0**exp, 7) for exp in range(-5, 1) for base in (1, 2, 3, 5, 7.5)),
     10.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+# Declared at zero from the start, so that rates over them read 0 rather than nothing.
+REJECTION_REASONS = ("queue_full", "not_ready", "deadline", "disconnected")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# `*_created` gauges double the series count, exist only in single-process mode, and the text
+# format gives Prometheus no use for them.
+disable_created_metrics()
 
 
 def multiprocess_mode() -> bool:
@@ -90,6 +97,8 @@ class ServiceMetrics:
             ["reason"],
             registry=reg,
         )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
         self.queue_depth = Gauge(
             "blink_queue_depth",
             "Images waiting in the batching queue.",
@@ -107,6 +116,14 @@ class ServiceMetrics:
             "Engine slots (batches that may run at once).",
             registry=reg,
             multiprocess_mode="livesum",
+        )
+        # Set by the service once warm-up succeeds: what /readyz says, for alerting. With several
+        # workers the lowest wins, so one cold worker reads as not ready.
+        self.ready = Gauge(
+            "blink_ready",
+            "1 once the model is loaded and warmed up (GET /readyz answers 200), else 0.",
+            registry=reg,
+            multiprocess_mode="livemin",
         )
         # Info metrics do not work in multiprocess mode: a gauge at 1 carries the labels.
         self.model_info = Gauge(

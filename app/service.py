@@ -63,6 +63,7 @@ class ModelService:
         self.ready = False
         self.warm_up_error: str | None = None
         metrics.engine_slots.set(settings.engine_slots)
+        metrics.ready.set(0)
         metrics.model_info.labels(
             manifest.name, manifest.version, self.engine.variant, self.engine.provider
         ).set(1)
@@ -83,6 +84,7 @@ class ModelService:
         gc.collect()
         gc.freeze()
         self.ready = True
+        self.metrics.ready.set(1)
         log.info("ready", extra={"warm_up_s": round(time.perf_counter() - started, 3)})
 
     async def preprocess(self, data: bytes) -> tuple[np.ndarray, float]:

@@ -121,7 +121,9 @@ def test_not_ready_until_warm_up_finishes(slow_bundle_dir):
     with live_server(slow_bundle_dir, wait_ready=False, max_batch_size=16, threads=1) as url:
         first = httpx.get(url + "/readyz")
         classify = httpx.post(url + "/classify", content=png(), headers=PNG)
+        cold = scrape(url)
         assert first.status_code == 503, "warm-up of 16 slow batch sizes cannot be done yet"
+        assert value(cold, "blink_ready") == 0
         assert first.json()["error"]["code"] == "not_ready"
         assert classify.status_code == 503 and classify.headers["retry-after"] == "1"
         for _ in range(600):
@@ -130,6 +132,7 @@ def test_not_ready_until_warm_up_finishes(slow_bundle_dir):
             time.sleep(0.05)
         assert httpx.get(url + "/readyz").status_code == 200
         assert httpx.post(url + "/classify", content=png(), headers=PNG).status_code == 200
+        assert value(scrape(url), "blink_ready") == 1
 
 
 def test_two_workers_share_one_set_of_metrics(bundle_dir):
