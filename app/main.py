@@ -17,10 +17,11 @@ from app.errors import BlinkError, InvalidParameter, error_body
 from app.metrics import ServiceMetrics, mark_worker_exit
 from app.openapi import build_openapi
 from app.routes import health, metrics, models
+from app.routes.classify import ROUTE as CLASSIFY_ROUTE
 from app.routes.classify import ClassifyRoute, classify
 from app.service import ModelService
 from app.settings import Settings, get_settings
-from app.v2.routes import infer_asgi
+from app.v2.routes import INFER_ROUTE, infer_asgi
 from app.v2.routes import router as v2_router
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -28,7 +29,12 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    service = ModelService(app.state.settings, ServiceMetrics())
+    metrics = ServiceMetrics()
+    # Declared at zero, so that rate() sees the first requests after a start, not only later ones.
+    for route in (CLASSIFY_ROUTE, INFER_ROUTE):
+        metrics.request_duration.labels(route)
+        metrics.requests.labels(route, "200")
+    service = ModelService(app.state.settings, metrics)
     app.state.service = service
     # Accept connections at once (liveness), report ready only after warm-up.
     warm_up = asyncio.create_task(service.warm_up())

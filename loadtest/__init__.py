@@ -1,0 +1,1 @@
+"""Load tests: Locust users and shapes, and the headless runner that writes reports."""
