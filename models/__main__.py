@@ -1,0 +1,5 @@
+"""`python -m models` is `blink build`."""
+
+from models.build import main
+
+raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""`blink build` / `python -m models.build`: dataset in, served-ready model bundle out.
+
+Stages: load data -> (train a teacher) -> train -> (prune + fine-tune) -> export fp32 ->
+quantize INT8 (QAT fine-tune when static INT8 misses the gate) -> fp16 -> evaluate every variant
+through the service's preprocessing and engine -> gate -> speed -> manifest, report, `latest`.
+
+Exit status: 0 built; 1 the accuracy gate failed (the bundle is kept for inspection, `latest`
+is not moved); 2 bad arguments or a missing/malformed dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from models.pipeline import BuildError, BuildState, GateFailed, default_version, log
+
+DEFAULTS = {
+    "epochs": 6,
+    "batch_size": 256,
+    "width": 24,
+    "depth": 1,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blink build",
+        description="Train, compress, quantize and export a CNN into a model bundle.",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--dataset", choices=["fashion-mnist", "cifar10", "folder"], default="fashion-mnist"
+    )
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        help="dataset location (default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
+    )
+    data.add_argument("--limit", type=int, help="use only N training and N/5 test images")
+    data.add_argument(
+        "--test-split", type=float, default=0.2, help="folder: fraction of each class for test"
+    )
+    data.add_argument(
+        "--val-split", type=float, default=0.05, help="fraction of training data for validation"
+    )
+    data.add_argument("--image-size", type=int, help="folder: resize images to this square size")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("models/repository"))
+    out.add_argument("--name", help="bundle name (default: the dataset's or the folder's name)")
+    out.add_argument("--version", help="bundle version (default: UTC time, 20261123T130501Z)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    t.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    t.add_argument(
+        "--lr", type=float, help="peak one-cycle learning rate (default: 4e-3 AdamW, 0.1 SGD)"
+    )
+    t.add_argument("--width", type=int, default=DEFAULTS["width"], help="stem channels")
+    t.add_argument("--depth", type=int, default=DEFAULTS["depth"], help="blocks per stage")
+    t.add_argument("--erase", type=float, default=0.25, help="random-erasing probability per image")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, help="torch threads (default: every available core)")
+    c = p.add_argument_group("compression")
+    c.add_argument(
+        "--teacher",
+        help="distil from a teacher: 'auto-train' (a 2x wider net trained first) or a "
+        "checkpoint.pt from an earlier build",
+    )
+    c.add_argument("--prune", type=float, default=0.0, metavar="FRACTION")
+    c.add_argument("--calibration-images", type=int, default=1024)
+    c.add_argument(
+        "--calibration-method", choices=["minmax", "entropy", "percentile"], default="percentile"
+    )
+    c.add_argument("--qat", action="store_true", help="always use quantization-aware training")
+    c.add_argument("--no-fp16", action="store_true", help="skip the fp16 (GPU) variant")
+    g = p.add_argument_group("gate")
+    g.add_argument("--max-int8-drop", type=float, default=0.3, help="in accuracy points")
+    g.add_argument("--min-accuracy", type=float, default=0.0, help="a fraction, e.g. 0.9")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    try:
+        validate(args)
+        bundle = build(args, argv)
+    except BuildError as exc:
+        print(f"blink build: error: {exc}", file=sys.stderr)
+        return 2
+    except GateFailed as exc:
+        print(f"blink build: accuracy gate failed: {exc}", file=sys.stderr)
+        return 1
+    print(bundle)
+    return 0
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.lr is None:
+        args.lr = {"adamw": 4e-3, "sgd": 0.1}[args.optimizer]
+    if args.epochs < 1 or args.batch_size < 1 or args.width < 1 or args.depth < 1:
+        raise BuildError("--epochs, --batch-size, --width and --depth must be at least 1")
+    if args.limit is not None and args.limit < 10:
+        raise BuildError("--limit must be at least 10")
+    if not 0 <= args.prune < 1:
+        raise BuildError(f"--prune must be a fraction in [0, 1), not {args.prune}")
+    if args.calibration_images < 1:
+        raise BuildError("--calibration-images must be at least 1")
+    if args.teacher and args.teacher != "auto-train" and not Path(args.teacher).is_file():
+        raise BuildError(f"--teacher {args.teacher}: no such checkpoint (or use 'auto-train')")
+
+
+def build(args: argparse.Namespace, argv: list[str]) -> Path:
+    # torch is imported here, not at module level, so `blink build --help` stays instant
+    import torch
+
+    from models import data as datasets
+    from models import net as nets
+    from models import train as training
+    from models.bundle_writer import write_bundle
+
+    state = BuildState(args=args, argv=argv)
+    state.name, state.version = bundle_name(args), args.version or default_version()
+    if (args.out / state.name / state.version).exists():
+        raise BuildError(f"{args.out / state.name / state.version} already exists; pass --version")
+    training.setup_torch(args.seed, args.threads)
+    with state.stage("load data"):
+        try:
+            dataset = datasets.load(
+                args.dataset,
+                args.data_dir,
+                test_split=args.test_split,
+                seed=args.seed,
+                image_size=args.image_size,
+            )
+            if args.limit:
+                dataset = datasets.limit(dataset, args.limit, args.seed)
+            train_set, val_set = datasets.split_validation(
+                dataset.train_images, dataset.train_labels, args.val_split, args.seed
+            )
+        except datasets.DatasetError as exc:
+            raise BuildError(str(exc)) from exc
+        mean, std = datasets.channel_stats(train_set[0])
+        log(
+            f"{dataset.name}: {len(train_set[1])} train, {len(val_set[1])} validation, "
+            f"{len(dataset.test_labels)} test images of {dataset.size} x {dataset.channels}"
+        )
+    config = nets.NetConfig(
+        in_channels=dataset.channels,
+        classes=len(dataset.labels),
+        input_height=dataset.size[0],
+        input_width=dataset.size[1],
+        width=args.width,
+        depth=args.depth,
+    )
+    train_config = training.TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=training.WEIGHT_DECAY[args.optimizer],
+        erase_p=args.erase,
+        seed=args.seed,
+    )
+
+    def fit(model, desc: str, cfg=train_config, teacher=None):
+        model, history = training.train(
+            model, train_set, val_set, mean, std, cfg, teacher=teacher, desc=desc
+        )
+        state.histories[desc] = [asdict(h) for h in history]
+        return model
+
+    teacher = None
+    if args.teacher:
+        with state.stage("teacher"):
+            teacher = load_or_train_teacher(args.teacher, config, fit)
+            state.compression["distillation"] = {
+                "teacher": args.teacher,
+                "teacher_params": nets.parameter_count(teacher),
+                "teacher_val_accuracy": validation_accuracy(teacher, val_set, mean, std),
+            }
+    with state.stage("train"):
+        torch.manual_seed(args.seed)
+        model = fit(
+            nets.Net(config), "student" if teacher is not None else "train", teacher=teacher
+        )
+    if teacher is not None:
+        state.compression["distillation"]["student_val_accuracy"] = validation_accuracy(
+            model, val_set, mean, std
+        )
+    if args.prune:
+        with state.stage("prune"):
+            model = prune_and_finetune(model, args, train_config, fit, state, val_set, mean, std)
+    return write_bundle(state, dataset, model, (train_set, val_set), mean, std)
+
+
+def bundle_name(args: argparse.Namespace) -> str:
+    if args.name:
+        return args.name
+    if args.dataset == "folder" and args.data_dir is not None:
+        return args.data_dir.resolve().name
+    return args.dataset
+
+
+def load_or_train_teacher(source: str, config, fit):
+    from models import net as nets
+
+    if source != "auto-train":
+        return nets.load_checkpoint(source)
+    wide = nets.NetConfig(**{**config.to_dict(), "width": config.width * 2})
+    return fit(nets.Net(wide), "teacher")
+
+
+def validation_accuracy(model, val_set, mean, std) -> float:
+    import torch
+
+    from models import train as training
+
+    dev = torch.device("cpu")
+    model = model.to(dev).to(memory_format=torch.channels_last)
+    _, accuracy = training.evaluate(
+        model,
+        training.to_nchw(val_set[0], dev),
+        torch.from_numpy(val_set[1]),
+        training.Normalize(mean, std, dev),
+    )
+    model.to(memory_format=torch.contiguous_format)
+    return round(accuracy, 6)
+
+
+def prune_and_finetune(model, args, train_config, fit, state, val_set, mean, std):
+    from models import net as nets
+    from models import train as training
+    from models.prune import prune_channels
+
+    before = nets.parameter_count(model), validation_accuracy(model, val_set, mean, std)
+    pruned = prune_channels(model, args.prune)
+    right_after = validation_accuracy(pruned, val_set, mean, std)
+    epochs = max(1, args.epochs // 3)
+    cfg = training.TrainConfig(
+        **{**asdict(train_config), "epochs": epochs, "lr": train_config.lr / 4}
+    )
+    pruned = fit(pruned, "prune fine-tune", cfg)
+    state.compression["pruning"] = {
+        "fraction": args.prune,
+        "params_before": before[0],
+        "params_after": nets.parameter_count(pruned),
+        "val_accuracy_before": before[1],
+        "val_accuracy_pruned": right_after,
+        "val_accuracy_fine_tuned": validation_accuracy(pruned, val_set, mean, std),
+        "fine_tune_epochs": epochs,
+        "inner_widths": pruned.config.mids,
+    }
+    return pruned
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

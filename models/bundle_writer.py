@@ -1,0 +1,295 @@
+"""From a trained network to a verified bundle: export, quantize, evaluate, gate, measure, write.
+
+The bundle is assembled in a hidden staging folder next to its final place and renamed into
+place when complete, so `<name>/<version>` never exists half-written; `latest` moves only when
+the gate passed and the service's own loader and engine accepted the result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from app.bundle import (
+    LATEST_POINTER,
+    MANIFEST_FILE,
+    InputSpec,
+    Manifest,
+    VariantFile,
+    load_bundle,
+    sha256_of,
+)
+from app.engine import Engine
+from models import evaluate as evaluation
+from models import net as nets
+from models.data import Dataset
+from models.pipeline import (
+    BuildError,
+    BuildState,
+    GateFailed,
+    library_versions,
+    log,
+    quiet_stdout,
+    remove_tree,
+    replace_symlink,
+)
+
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| logit difference tolerated for fp32
+
+
+def write_bundle(
+    state: BuildState,
+    dataset: Dataset,
+    model,
+    splits: tuple,
+    mean: list[float],
+    std: list[float],
+) -> Path:
+    name, version = state.name, state.version
+    home = state.args.out / name
+    final = home / version
+    staging = home / f".{version}.partial"
+    remove_tree(staging)
+    staging.mkdir(parents=True)
+    try:
+        manifest, failures = assemble(
+            state, dataset, model, splits, mean, std, staging, name, version
+        )
+        os.replace(staging, final)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    if failures:
+        raise GateFailed(
+            "; ".join(failures) + f" (bundle kept at {final} for inspection; latest not moved)"
+        )
+    verify(final)
+    replace_symlink(home / LATEST_POINTER, version)
+    log(f"bundle {final} ({manifest.variants['fp32'].size} bytes fp32), latest -> {version}")
+    return final
+
+
+def assemble(state, dataset, model, splits, mean, std, directory: Path, name, version):
+    from models import export, report
+    from models import speed as speeds
+
+    args = state.args
+    (train_set, _) = splits
+    spec = InputSpec(
+        height=dataset.size[0],
+        width=dataset.size[1],
+        channels=dataset.channels,
+        color=dataset.color,
+        resize="center_crop",
+        mean=mean,
+        std=std,
+    )
+    with state.stage("preprocess test images"):
+        inputs = evaluation.preprocess_all(evaluation.encoded_test_images(dataset), spec)
+    input_shape = (spec.channels, spec.height, spec.width)
+    with state.stage("export fp32"):
+        folded = export.fold_batch_norm(model)
+        with quiet_stdout():
+            export.export_onnx(folded, directory / VARIANT_FILES["fp32"], input_shape)
+        parity = export.parity(model, directory / VARIANT_FILES["fp32"], inputs[:512])
+        log(f"parity: max |torch - onnxruntime| logit difference {parity:.2e}")
+        if parity > PARITY_BOUND:
+            raise BuildError(f"ONNX export differs from torch by {parity:.2e} (> {PARITY_BOUND})")
+    nets.save_checkpoint(model, directory / "checkpoint.pt")
+    calibration = calibration_images(train_set, spec, args.calibration_images, args.seed)
+    variants = ["fp32", "int8"] + ([] if args.no_fp16 else ["fp16"])
+    if not args.no_fp16:
+        with state.stage("export fp16"), quiet_stdout():
+            export.export_onnx(folded, directory / VARIANT_FILES["fp16"], input_shape, fp16=True)
+    quantization = {
+        "method": args.calibration_method,
+        "images": len(calibration),
+        "format": "QDQ",
+        "weights": "int8 per channel",
+        "activations": "uint8",
+    }
+    with state.stage("quantize int8"):
+        quantize(model, directory, calibration, args.calibration_method, qat=False)
+    provisional = make_manifest(state, dataset, spec, directory, variants, name, version, {})
+    accuracy, scores, logits = evaluate_variants(
+        state, provisional, directory, variants, dataset, inputs
+    )
+    failures = evaluation.gate_failures(
+        accuracy, max_int8_drop=args.max_int8_drop, min_accuracy=args.min_accuracy
+    )
+    if args.qat or evaluation.int8_drop(accuracy) > args.max_int8_drop:
+        quantization["static_int8_accuracy"] = accuracy["int8"]
+        quantization["qat"] = "forced by --qat" if args.qat else "static INT8 missed the gate"
+        with state.stage("quantization-aware training"):
+            qat_model = quantization_aware(state, model, splits, mean, std)
+            quantize(qat_model, directory, calibration, args.calibration_method, qat=True)
+        provisional = make_manifest(state, dataset, spec, directory, variants, name, version, {})
+        after = evaluate_variants(state, provisional, directory, ["int8"], dataset, inputs, "QAT")
+        for found, new in zip((accuracy, scores, logits), after, strict=True):
+            found.update(new)
+        failures = evaluation.gate_failures(
+            accuracy, max_int8_drop=args.max_int8_drop, min_accuracy=args.min_accuracy
+        )
+    with state.stage("speed"):
+        bundle = load_bundle(directory)  # the provisional manifest of the last evaluation
+        engines = {v: Engine(bundle, device="cpu", variant=v, threads=1) for v in variants}
+        speed = speeds.throughput({v: e.run for v, e in engines.items()}, input_shape)
+    manifest = make_manifest(
+        state,
+        dataset,
+        spec,
+        directory,
+        variants,
+        name,
+        version,
+        metrics={
+            v: {
+                **scores[v].to_metrics(),
+                **speed[v],
+                "size_bytes": (directory / VARIANT_FILES[v]).stat().st_size,
+            }
+            for v in variants
+        },
+    )
+    manifest.provenance["parity_max_abs_logit_diff"] = parity
+    manifest.provenance["quantization"] = quantization
+    manifest.provenance["gate"] = {
+        "max_int8_drop_points": args.max_int8_drop,
+        "min_accuracy": args.min_accuracy,
+        "passed": not failures,
+        "failures": failures,
+    }
+    manifest.provenance["params"] = nets.parameter_count(model)
+    manifest.provenance["build_seconds"] = round(time.perf_counter() - state.started, 1)
+    (directory / MANIFEST_FILE).write_text(manifest.dump())
+    with state.stage("report"):
+        report.write_report(directory, manifest, state, dataset, logits)
+    (directory / MANIFEST_FILE).write_text(manifest.dump())  # with the report's timings
+    return manifest, failures
+
+
+def calibration_images(train_set, spec: InputSpec, count: int, seed: int) -> np.ndarray:
+    """A seeded sample of training images, normalised as the service normalises."""
+    images, _ = train_set
+    pick = np.sort(np.random.default_rng(seed + 2).permutation(len(images))[:count])
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
+    scale, bias = 1.0 / (255.0 * std), -mean / std
+    chosen = images[pick].astype(np.float32) * scale + bias
+    return np.ascontiguousarray(chosen.transpose(0, 3, 1, 2))
+
+
+def quantize(model, directory: Path, calibration: np.ndarray, method: str, *, qat: bool) -> None:
+    from models import export
+    from models.quantize import quantize_int8
+
+    source = directory / VARIANT_FILES["fp32"]
+    if qat:  # quantize the QAT-tuned weights; the fp32 variant stays the trained network
+        source = directory / ".qat.onnx"
+        with quiet_stdout():
+            export.export_onnx(model, source, tuple(calibration.shape[1:]))
+    quantize_int8(source, directory / VARIANT_FILES["int8"], calibration, method=method)
+    if qat:
+        source.unlink()
+
+
+def quantization_aware(state, model, splits, mean, std):
+    from models import qat
+    from models import train as training
+
+    args = state.args
+    prepared, handles = qat.prepare(model)
+    cfg = training.TrainConfig(
+        epochs=max(1, args.epochs // 6),
+        batch_size=args.batch_size,
+        lr=args.lr / 20,
+        seed=args.seed,
+        warmup=0.1,
+    )
+    prepared, history = training.train(prepared, *splits, mean, std, cfg, desc="qat")
+    state.histories["qat"] = [asdict(h) for h in history]
+    return qat.finish(prepared, handles)
+
+
+def evaluate_variants(
+    state, provisional: Manifest, directory: Path, variants, dataset, inputs, note: str = ""
+):
+    """Accuracy, scores and logits of each variant, run by the service's engine.
+
+    The engine loads bundles, so the files are first described by a manifest without metrics.
+    """
+    (directory / MANIFEST_FILE).write_text(provisional.dump())
+    bundle = load_bundle(directory)
+    accuracy, scores, logits = {}, {}, {}
+    for variant in variants:
+        with state.stage(f"evaluate {variant}" + (f" ({note})" if note else "")):
+            logits[variant] = evaluation.predict(bundle, variant, inputs)
+            scores[variant] = evaluation.score(
+                dataset.test_labels, logits[variant].argmax(1), len(dataset.labels)
+            )
+            accuracy[variant] = scores[variant].accuracy
+            log(f"{variant} test accuracy {accuracy[variant]:.4f}")
+    return accuracy, scores, logits
+
+
+def make_manifest(state, dataset, spec, directory, variants, name, version, metrics) -> Manifest:
+    args = state.args
+    return Manifest(
+        name=name,
+        version=version,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        labels=dataset.labels,
+        input=spec,
+        variants={
+            v: VariantFile(
+                file=VARIANT_FILES[v],
+                sha256=sha256_of(directory / VARIANT_FILES[v]),
+                size=(directory / VARIANT_FILES[v]).stat().st_size,
+            )
+            for v in variants
+        },
+        metrics=metrics,
+        provenance={
+            "dataset": {
+                "name": dataset.name,
+                "kind": args.dataset,
+                "sha256": dataset.sha256,
+                "files": dataset.files,
+                "train_images": len(dataset.train_labels),
+                "test_images": len(dataset.test_labels),
+                "limit": args.limit,
+                "val_split": args.val_split,
+            },
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "argv": state.argv,
+            "network": {"width": args.width, "depth": args.depth},
+            "training": {
+                "batch_size": args.batch_size,
+                "optimizer": args.optimizer,
+                "lr": args.lr,
+                "erase": args.erase,
+                "val_split": args.val_split,
+            },
+            "libraries": library_versions(),
+            "stages_seconds": {s.name: round(s.seconds, 2) for s in state.stages},
+            "compression": state.compression,
+        },
+    )
+
+
+def verify(directory: Path) -> None:
+    """The service's loader and engine accept the bundle and answer a batch."""
+    bundle = load_bundle(directory)
+    spec = bundle.manifest.input
+    for variant in bundle.manifest.variants:
+        engine = Engine(bundle, device="cpu", variant=variant, threads=1)
+        logits = engine.run(np.zeros((2, spec.channels, spec.height, spec.width), np.float32))
+        if logits.shape != (2, len(bundle.manifest.labels)) or not np.isfinite(logits).all():
+            raise BuildError(f"the {variant} variant answered {logits.shape} non-finite logits")

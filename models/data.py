@@ -1,0 +1,483 @@
+"""Datasets as in-memory uint8 arrays: Fashion-MNIST (idx), CIFAR-10 (python pickles), folders.
+
+Every loader returns a `Dataset`: train and test images as uint8 [N, H, W, C], integer labels,
+class names, the colour mode, and the sha256 of each source file for the bundle's provenance.
+Anything missing or malformed raises `DatasetError` with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_FILES = [*CIFAR_TRAIN, "test_batch", "batches.meta"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16"}
+FOLDER_MAX_SIDE = 64  # a folder of photos is shrunk to this unless --image-size says otherwise
+
+
+class DatasetError(Exception):
+    """A dataset that is missing or cannot be read; the message says what was expected."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    labels: list[str]
+    color: str  # "L" or "RGB", as the bundle's input spec
+    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_labels: np.ndarray  # int64 [N]
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    files: dict[str, str] = field(default_factory=dict)  # source file -> sha256
+    # Encoded originals of the test images (folder datasets), so evaluation decodes exactly
+    # what a client would send; None means "PNG-encode test_images".
+    test_encoded: list[bytes] | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.train_images.shape[3]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.train_images.shape[1], self.train_images.shape[2]
+
+    @property
+    def sha256(self) -> str:
+        """One digest over every source file's digest, independent of the order they were read."""
+        digest = hashlib.sha256()
+        for name in sorted(self.files):
+            digest.update(f"{name}\0{self.files[name]}\n".encode())
+        return digest.hexdigest()
+
+
+def load(
+    kind: str,
+    data_dir: Path | None,
+    *,
+    test_split: float = 0.2,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> Dataset:
+    if kind == "fashion-mnist":
+        return load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
+    if data_dir is None:
+        raise DatasetError(f"--dataset {kind} needs --data-dir")
+    if kind == "cifar10":
+        return load_cifar10(data_dir)
+    if kind == "folder":
+        return load_folder(data_dir, test_split=test_split, seed=seed, image_size=image_size)
+    raise DatasetError(f"unknown dataset kind {kind!r}")
+
+
+# --- Fashion-MNIST: idx files -------------------------------------------------------------
+
+
+def load_fashion_mnist(directory: Path) -> Dataset:
+    paths = {key: find_idx_file(directory, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[key] + ".gz" for key, path in paths.items() if path is None]
+    if missing:
+        where = "not found" if not directory.exists() else f"missing {', '.join(missing)} in it"
+        raise DatasetError(
+            f"Fashion-MNIST not found: {directory} {where}. Install Debian's package "
+            "(apt-get install dataset-fashion-mnist, which puts the idx.gz files in "
+            f"{FASHION_MNIST_DIR}) or pass --data-dir with the four *-ubyte.gz files"
+        )
+    raw = {key: path.read_bytes() for key, path in paths.items()}
+    arrays = {
+        key: parse_idx(data, 3 if key.endswith("images") else 1, paths[key].name)
+        for key, data in raw.items()
+    }
+    for part in ("train", "test"):
+        check_pairs(
+            arrays[f"{part}_images"],
+            arrays[f"{part}_labels"],
+            paths[f"{part}_images"],
+            paths[f"{part}_labels"],
+        )
+        check_label_range(
+            arrays[f"{part}_labels"], len(FASHION_MNIST_LABELS), paths[f"{part}_labels"].name
+        )
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DatasetError(
+            f"train images are {arrays['train_images'].shape[1:]} "
+            f"but test images {arrays['test_images'].shape[1:]}"
+        )
+    return Dataset(
+        name="fashion-mnist",
+        labels=list(FASHION_MNIST_LABELS),
+        color="L",
+        train_images=arrays["train_images"][..., None],
+        train_labels=arrays["train_labels"].astype(np.int64),
+        test_images=arrays["test_images"][..., None],
+        test_labels=arrays["test_labels"].astype(np.int64),
+        files={paths[key].name: sha256_bytes(data) for key, data in raw.items()},
+    )
+
+
+def find_idx_file(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def parse_idx(data: bytes, dims: int, name: str = "") -> np.ndarray:
+    """An idx file (gzip-compressed or not) of unsigned bytes with `dims` dimensions."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise DatasetError(f"{name or 'idx file'} is not a valid gzip file: {exc}") from exc
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise DatasetError(f"{name or 'idx file'} is too short to be an idx file")
+    zero, dtype_code, found_dims = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or found_dims != dims:
+        raise DatasetError(
+            f"{name or 'idx file'} is not an idx file of unsigned bytes with {dims} dimension(s) "
+            f"(magic {data[:4].hex()}, expected 0000080{dims})"
+        )
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DatasetError(
+            f"{name or 'idx file'} says {shape} ({expected} bytes) but holds {len(data) - header}"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def check_pairs(images: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path) -> None:
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"{image_path.name} has {len(images)} images but {label_path.name} "
+            f"has {len(labels)} labels"
+        )
+    if len(images) == 0:
+        raise DatasetError(f"{image_path.name} holds no images")
+
+
+def check_label_range(labels: np.ndarray, classes: int, path: Path | str) -> None:
+    if len(labels) and int(labels.max()) >= classes:
+        raise DatasetError(f"{path}: label {int(labels.max())} is out of range 0..{classes - 1}")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- CIFAR-10: the "python version" archive or its extracted folder -----------------------
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches hold (dicts, lists, bytes, numpy arrays): nothing runs."""
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_cifar10(path: Path) -> Dataset:
+    raw = read_cifar_files(path)
+    train = [cifar_batch(raw[name], name) for name in CIFAR_TRAIN]
+    test_images, test_labels = cifar_batch(raw["test_batch"], "test_batch")
+    meta = unpickle(raw["batches.meta"], "batches.meta")
+    names = meta.get(b"label_names", meta.get("label_names")) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names:
+        raise DatasetError("batches.meta has no label_names list")
+    labels = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    train_images = np.concatenate([images for images, _ in train])
+    train_labels = np.concatenate([labels_ for _, labels_ in train])
+    check_label_range(train_labels, len(labels), "data_batch_*")
+    check_label_range(test_labels, len(labels), "test_batch")
+    return Dataset(
+        name="cifar10",
+        labels=labels,
+        color="RGB",
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        files={name: sha256_bytes(data) for name, data in raw.items()},
+    )
+
+
+def read_cifar_files(path: Path) -> dict[str, bytes]:
+    """The six batch files, from the tar.gz archive or from an extracted folder."""
+    archive = path if path.is_file() else path / CIFAR_ARCHIVE
+    if archive.is_file():
+        return read_cifar_archive(archive)
+    for folder in (path / CIFAR_FOLDER, path):
+        if (folder / "batches.meta").is_file():
+            missing = [n for n in CIFAR_FILES if not (folder / n).is_file()]
+            if missing:
+                raise DatasetError(f"CIFAR-10 folder {folder} is missing {', '.join(missing)}")
+            return {name: (folder / name).read_bytes() for name in CIFAR_FILES}
+    raise DatasetError(
+        f"CIFAR-10 not found in {path}: expected {CIFAR_ARCHIVE} (the 'CIFAR-10 python version' "
+        f"from https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted {CIFAR_FOLDER}/ "
+        f"with {', '.join(CIFAR_FILES)}"
+    )
+
+
+def read_cifar_archive(archive: Path) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                name = Path(member.name).name
+                if member.isfile() and name in CIFAR_FILES:
+                    extracted = tar.extractfile(member)
+                    if extracted is not None:
+                        found[name] = extracted.read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetError(f"{archive} is not a readable tar.gz archive: {exc}") from exc
+    missing = [n for n in CIFAR_FILES if n not in found]
+    if missing:
+        raise DatasetError(f"{archive} is missing {', '.join(missing)}")
+    return found
+
+
+def unpickle(data: bytes, name: str) -> object:
+    try:
+        return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as exc:  # unpickling fails in many ways; each means "not a CIFAR batch"
+        raise DatasetError(f"{name} is not a CIFAR-10 python pickle: {exc}") from exc
+
+
+def cifar_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images as uint8 [N, 32, 32, 3] and labels as int64 [N]."""
+    batch = unpickle(data, name)
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{name} does not hold a dict")
+    pixels = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if pixels is None or labels is None:
+        raise DatasetError(f"{name} has no 'data' and 'labels' entries")
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
+        raise DatasetError(
+            f"{name}: data is {pixels.dtype} {pixels.shape}, expected uint8 [N, 3072]"
+        )
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(pixels),):
+        raise DatasetError(f"{name}: {len(pixels)} images but {labels.size} labels")
+    if len(labels) and labels.min() < 0:
+        raise DatasetError(f"{name}: negative label {int(labels.min())}")
+    # stored as [N, 3 planes of 32x32]; the service and Pillow think in HWC
+    images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+# --- A folder per class -------------------------------------------------------------------
+
+
+def load_folder(
+    root: Path, *, test_split: float = 0.2, seed: int = 0, image_size: int | None = None
+) -> Dataset:
+    if not 0 < test_split < 1:
+        raise DatasetError(f"--test-split must be between 0 and 1, not {test_split}")
+    files = list_folder(root)
+    labels = sorted(files)
+    headers = {path: open_image(path) for paths in files.values() for path in paths}
+    grey = all(mode in GREY_MODES for mode, _ in headers.values())
+    color = "L" if grey else "RGB"
+    height, width = folder_size([size for _, size in headers.values()], image_size)
+    train_paths, test_paths = split_per_class(files, labels, test_split, seed)
+    train_images, train_labels = decode_all(train_paths, color, height, width)
+    test_images, test_labels = decode_all(test_paths, color, height, width)
+    return Dataset(
+        name=root.resolve().name,
+        labels=labels,
+        color=color,
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        files={
+            str(path.relative_to(root)): sha256_bytes(path.read_bytes())
+            for paths in files.values()
+            for path in paths
+        },
+        test_encoded=[path.read_bytes() for path, _ in test_paths],
+    )
+
+
+def list_folder(root: Path) -> dict[str, list[Path]]:
+    if not root.is_dir():
+        raise DatasetError(
+            f"image folder {root} not found: expected one sub-folder per class of PNG/JPEG files"
+        )
+    classes = {
+        sub.name: sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for sub in sorted(root.iterdir())
+        if sub.is_dir() and not sub.name.startswith(".")
+    }
+    classes = {name: paths for name, paths in classes.items() if paths}
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{root} needs at least two class sub-folders with PNG/JPEG images "
+            f"(found {len(classes)})"
+        )
+    too_few = [name for name, paths in classes.items() if len(paths) < 2]
+    if too_few:
+        raise DatasetError(
+            f"classes {', '.join(too_few)} in {root} have fewer than 2 images "
+            "(one is needed for training and one for testing)"
+        )
+    return classes
+
+
+def open_image(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from the header, without decoding pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.mode, image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{path} is not a readable image: {exc}") from exc
+
+
+def folder_size(sizes: list[tuple[int, int]], image_size: int | None) -> tuple[int, int]:
+    """(height, width): `image_size` square, else the most common size shrunk to fit 64."""
+    if image_size:
+        return image_size, image_size
+    (width, height), _ = Counter(sizes).most_common(1)[0]
+    scale = min(1.0, FOLDER_MAX_SIDE / max(width, height))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def split_per_class(
+    files: dict[str, list[Path]], labels: list[str], test_split: float, seed: int
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """A seeded split within each class, so both halves hold every class."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for index, label in enumerate(labels):
+        paths = files[label]
+        order = rng.permutation(len(paths))
+        n_test = min(len(paths) - 1, max(1, round(len(paths) * test_split)))
+        test += [(paths[i], index) for i in order[:n_test]]
+        train += [(paths[i], index) for i in order[n_test:]]
+    return train, test
+
+
+def decode_all(
+    items: list[tuple[Path, int]], color: str, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode through the service's own preprocessing, so training sees what serving sees."""
+    from app.bundle import InputSpec
+    from app.errors import BlinkError
+    from app.preprocess import Preprocessor
+
+    channels = 1 if color == "L" else 3
+    # mean 0, std 1/255 makes the preprocessor's output the raw 0..255 pixels
+    spec = InputSpec(
+        height=height,
+        width=width,
+        channels=channels,
+        color=color,
+        mean=[0.0] * channels,
+        std=[1 / 255] * channels,
+    )
+    preprocess = Preprocessor(spec)
+    images = np.empty((len(items), height, width, channels), np.uint8)
+    for i, (path, _) in enumerate(items):
+        try:
+            tensor = preprocess(path.read_bytes())
+        except BlinkError as exc:
+            raise DatasetError(f"{path}: {exc.message}") from exc
+        images[i] = np.clip(np.rint(tensor[0].transpose(1, 2, 0)), 0, 255).astype(np.uint8)
+    return images, np.array([label for _, label in items], np.int64)
+
+
+# --- Subsets and splits --------------------------------------------------------------------
+
+
+def limit(dataset: Dataset, n_train: int, seed: int) -> Dataset:
+    """A seeded random `n_train` training images and `n_train // 5` test images."""
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.permutation(len(dataset.train_labels))[:n_train])
+    test = np.sort(rng.permutation(len(dataset.test_labels))[: max(1, n_train // 5)])
+    encoded = dataset.test_encoded
+    return Dataset(
+        name=dataset.name,
+        labels=dataset.labels,
+        color=dataset.color,
+        train_images=dataset.train_images[train],
+        train_labels=dataset.train_labels[train],
+        test_images=dataset.test_images[test],
+        test_labels=dataset.test_labels[test],
+        files=dataset.files,
+        test_encoded=None if encoded is None else [encoded[i] for i in test],
+    )
+
+
+def split_validation(
+    images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (validation images, labels)), a seeded random split."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--val-split must be between 0 and 1, not {fraction}")
+    order = np.random.default_rng(seed + 1).permutation(len(labels))
+    n_val = max(1, round(len(labels) * fraction))
+    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+    return (images[train], labels[train]), (images[val], labels[val])
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images on the 0..1 scale, as the manifest records."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return pixels.mean(0).round(4).tolist(), np.maximum(pixels.std(0), 1e-3).round(4).tolist()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """One uint8 [H, W, C] image as PNG bytes (what a client would post)."""
+    mode = "L" if image.shape[2] == 1 else "RGB"
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if mode == "L" else image, mode).save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,0 +1,104 @@
+"""What the build's stages share: its errors, its record of stages, and small file helpers."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class BuildError(Exception):
+    """A build that cannot go on; the message is the one line the user sees."""
+
+
+class GateFailed(Exception):
+    """The accuracy gate failed; the bundle was written but `latest` was not moved."""
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+
+
+@dataclass
+class BuildState:
+    """What the stages produce, for the manifest and the report."""
+
+    args: argparse.Namespace
+    argv: list[str]
+    name: str = ""
+    version: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    stages: list[Stage] = field(default_factory=list)
+    histories: dict[str, list] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    compression: dict[str, dict] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        log(f"{name}...")
+        yield
+        seconds = time.perf_counter() - started
+        self.stages.append(Stage(name, seconds))
+        log(f"{name}: {seconds:.1f}s")
+
+
+def log(message: str) -> None:
+    print(f"[build] {message}", file=sys.stderr, flush=True)
+
+
+def default_version() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """The ONNX exporter prints progress lines and warns about torchvision; keep them out."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        exporter_log.setLevel(level)
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` atomically: readers see the old or the new version, never none."""
+    temporary = link.with_name(f".{link.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

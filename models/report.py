@@ -1,0 +1,245 @@
+"""The bundle's `report.md` and its plots: curves, confusion matrix, accuracy vs cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt
+import numpy as np
+
+from app.bundle import Manifest
+from models.data import Dataset
+from models.pipeline import BuildState
+
+PLOTS = {
+    "curves": "training_curves.png",
+    "confusion": "confusion_matrix.png",
+    "tradeoff": "accuracy_vs_cost.png",
+}
+
+
+def write_report(
+    directory: Path,
+    manifest: Manifest,
+    state: BuildState,
+    dataset: Dataset,
+    logits: dict[str, np.ndarray],
+) -> None:
+    plot_curves(state.histories, directory / PLOTS["curves"])
+    served = "int8" if "int8" in manifest.metrics else "fp32"
+    plot_confusion(
+        np.asarray(manifest.metrics[served]["confusion_matrix"]),
+        manifest.labels,
+        f"{served} on the test set",
+        directory / PLOTS["confusion"],
+    )
+    plot_tradeoff(manifest, directory / PLOTS["tradeoff"])
+    manifest.provenance["stages_seconds"] = {s.name: round(s.seconds, 2) for s in state.stages}
+    (directory / "report.md").write_text(markdown(manifest, state, dataset, served))
+
+
+def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        # markers, so that a one-epoch phase (fine-tuning, QAT) still shows as a point
+        loss_axis.plot(
+            epochs, [h["train_loss"] for h in history], "o--", ms=3, label=f"{name} train"
+        )
+        loss_axis.plot(
+            epochs, [h["val_loss"] for h in history], "o-", ms=3, label=f"{name} validation"
+        )
+        accuracy_axis.plot(
+            epochs, [h["train_accuracy"] for h in history], "o--", ms=3, label=f"{name} train"
+        )
+        accuracy_axis.plot(
+            epochs, [h["val_accuracy"] for h in history], "o-", ms=3, label=f"{name} validation"
+        )
+    loss_axis.set(
+        xlabel="epoch", ylabel="loss", title="Loss (train: smoothed or distillation loss)"
+    )
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    save(figure, path)
+
+
+def plot_confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> None:
+    size = max(5.0, 0.6 * len(labels) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues")
+    ticks = range(len(labels))
+    axis.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(ticks, labels, fontsize=8)
+    axis.set(xlabel="predicted", ylabel="true", title=title)
+    if len(labels) <= 20:
+        threshold = matrix.max() / 2
+        for (row, column), count in np.ndenumerate(matrix):
+            colour = "white" if count > threshold else "black"
+            axis.text(column, row, str(count), ha="center", va="center", color=colour, fontsize=7)
+    save(figure, path)
+
+
+def plot_tradeoff(manifest: Manifest, path: Path) -> None:
+    figure, (latency_axis, size_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, metrics in manifest.metrics.items():
+        accuracy = 100 * float(metrics["accuracy"])
+        latency = 1000 / float(metrics["batch32_images_per_s"])
+        size_kb = float(metrics["size_bytes"]) / 1024
+        latency_axis.scatter(latency, accuracy, s=60)
+        latency_axis.annotate(
+            variant, (latency, accuracy), textcoords="offset points", xytext=(6, 4)
+        )
+        size_axis.scatter(size_kb, accuracy, s=60)
+        size_axis.annotate(variant, (size_kb, accuracy), textcoords="offset points", xytext=(6, 4))
+    latency_axis.set(
+        xlabel="CPU ms per image at batch 32 (1 thread)",
+        ylabel="test accuracy (%)",
+        title="Accuracy vs latency",
+    )
+    size_axis.set(xlabel="file size (KiB)", ylabel="test accuracy (%)", title="Accuracy vs size")
+    for axis in (latency_axis, size_axis):
+        axis.grid(alpha=0.3)
+    save(figure, path)
+
+
+def save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: str) -> str:
+    provenance = manifest.provenance
+    gate = provenance.get("gate", {})
+    lines = [
+        f"# {manifest.name} {manifest.version}",
+        "",
+        f"Built {manifest.created} by `blink build {' '.join(state.argv)}`.",
+        f"Dataset **{dataset.name}**: {provenance['dataset']['train_images']} training images "
+        f"({provenance['dataset']['val_split']:.0%} of them held out for validation) and "
+        f"{provenance['dataset']['test_images']} test images, {dataset.size[0]}x{dataset.size[1]}"
+        f" {dataset.color}, {len(manifest.labels)} classes (sha256 "
+        f"`{provenance['dataset']['sha256'][:16]}...`).",
+        f"Network: {provenance.get('params', '?')} parameters, width {state.args.width}, "
+        f"depth {state.args.depth}; {state.args.epochs} epochs, seed {state.args.seed}.",
+        "",
+        f"Accuracy gate: **{'passed' if gate.get('passed') else 'FAILED'}** "
+        f"(int8 at most {gate.get('max_int8_drop_points')} points below fp32; every variant at "
+        f"least {100 * float(gate.get('min_accuracy', 0)):.1f}%).",
+        *[f"- {failure}" for failure in gate.get("failures", [])],
+        "",
+        "## Variants",
+        "",
+        "Accuracy on the test set, each image PNG-encoded and run through the service's "
+        "preprocessing and engine. Throughput: ONNX Runtime on CPU, one thread (as the "
+        "service runs it), best of interleaved rounds in this build.",
+        "",
+        "| variant | file | size | accuracy | macro F1 | batch 1 img/s | batch 1 ms "
+        "| batch 32 img/s | vs fp32 at 32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = float(manifest.metrics["fp32"]["batch32_images_per_s"])
+    for variant, metrics in manifest.metrics.items():
+        lines.append(
+            f"| {variant} | {manifest.variants[variant].file} "
+            f"| {manifest.variants[variant].size / 1024:.0f} KiB "
+            f"| {100 * float(metrics['accuracy']):.2f}% | {float(metrics['macro_f1']):.4f} "
+            f"| {metrics['batch1_images_per_s']:.0f} | {metrics['batch1_latency_ms']:.3f} "
+            f"| {metrics['batch32_images_per_s']:.0f} "
+            f"| {float(metrics['batch32_images_per_s']) / base:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Parity: max |torch - ONNX Runtime fp32| logit difference "
+        f"{float(provenance.get('parity_max_abs_logit_diff', 0)):.2e}.",
+        "",
+        f"![accuracy vs cost]({PLOTS['tradeoff']})",
+        "",
+        f"## Per class ({served})",
+        "",
+        "| class | precision | recall | F1 |",
+        "|---|---:|---:|---:|",
+    ]
+    per_class = manifest.metrics[served]["per_class"]
+    for i, label in enumerate(manifest.labels):
+        lines.append(
+            f"| {label} | {per_class['precision'][i]:.4f} | {per_class['recall'][i]:.4f} "
+            f"| {per_class['f1'][i]:.4f} |"
+        )
+    lines += [
+        "",
+        f"![confusion matrix]({PLOTS['confusion']})",
+        "",
+        *confusion_table(manifest.metrics[served]["confusion_matrix"], manifest.labels),
+    ]
+    lines += ["", "## Training", "", f"![training curves]({PLOTS['curves']})", ""]
+    for name, history in state.histories.items():
+        last = history[-1]
+        best = max(history, key=lambda h: h["val_accuracy"])
+        lines.append(
+            f"- {name}: {len(history)} epochs, {sum(h['seconds'] for h in history):.0f} s; "
+            f"best validation accuracy {best['val_accuracy']:.4f} (epoch {best['epoch']}), "
+            f"last {last['val_accuracy']:.4f}."
+        )
+    lines += ["", *compression_lines(provenance), "", "## Stages", ""]
+    lines += ["| stage | seconds |", "|---|---:|"]
+    lines += [f"| {s.name} | {s.seconds:.1f} |" for s in state.stages]
+    total = sum(s.seconds for s in state.stages)
+    lines += [f"| total (stages above) | {total:.1f} |", ""]
+    if "build_seconds" in provenance:
+        lines.append(
+            f"Whole build, wall clock up to the report: {provenance['build_seconds']:.0f} s "
+            "(this machine's cores may have been shared with other work)."
+        )
+    lines += ["", "## Provenance", ""]
+    libraries = provenance.get("libraries", {})
+    lines.append(", ".join(f"{k} {v}" for k, v in libraries.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def confusion_table(matrix: list[list[int]], labels: list[str]) -> list[str]:
+    header = "| true \\ predicted | " + " | ".join(str(i) for i in range(len(labels))) + " |"
+    rows = [header, "|---|" + "---:|" * len(labels)]
+    for i, row in enumerate(matrix):
+        rows.append(f"| {i} {labels[i]} | " + " | ".join(str(v) for v in row) + " |")
+    return rows
+
+
+def compression_lines(provenance: dict) -> list[str]:
+    compression = provenance.get("compression", {})
+    quantization = provenance.get("quantization", {})
+    lines = ["## Compression", ""]
+    if "distillation" in compression:
+        d = compression["distillation"]
+        lines.append(
+            f"- Distillation from {d['teacher']} ({d['teacher_params']} parameters, validation "
+            f"accuracy {d['teacher_val_accuracy']:.4f}): student validation accuracy "
+            f"{d.get('student_val_accuracy', float('nan')):.4f}."
+        )
+    if "pruning" in compression:
+        p = compression["pruning"]
+        lines.append(
+            f"- Channel pruning {p['fraction']:.0%} of each block's inner channels: "
+            f"{p['params_before']} -> {p['params_after']} parameters; validation accuracy "
+            f"{p['val_accuracy_before']:.4f} before, {p['val_accuracy_pruned']:.4f} right after, "
+            f"{p['val_accuracy_fine_tuned']:.4f} after {p['fine_tune_epochs']} fine-tuning "
+            f"epoch(s)."
+        )
+    if quantization:
+        line = (
+            f"- INT8: static {quantization['format']}, {quantization['weights']} weights, "
+            f"{quantization['activations']} activations, {quantization['method']} calibration "
+            f"on {quantization['images']} training images."
+        )
+        if "qat" in quantization:
+            line += (
+                f" Quantization-aware training ({quantization['qat']}); static INT8 alone "
+                f"scored {100 * quantization['static_int8_accuracy']:.2f}%."
+            )
+        lines.append(line)
+    return lines

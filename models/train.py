@@ -1,0 +1,290 @@
+"""Training on in-memory tensors: augmentation, one-cycle AdamW/SGD, label smoothing, distillation.
+
+The whole training set lives in memory as uint8 (Fashion-MNIST is 47 MB), so augmentation is a
+few tensor ops per batch instead of a per-image Python pipeline: on this CPU that is the
+difference between ~0.5 ms and tens of ms per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+WEIGHT_DECAY = {"adamw": 5e-2, "sgd": 5e-4}  # AdamW's is decoupled, hence much larger
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "adamw"  # or "sgd" (Nesterov momentum)
+    lr: float = 4e-3  # peak of the one-cycle schedule
+    weight_decay: float = 5e-2
+    label_smoothing: float = 0.1
+    pad: int = 2  # random crop: pad each side, then crop back to the input size
+    flip: bool = True
+    erase_p: float = 0.25  # random erasing: chance per image of blanking one rectangle
+    seed: int = 0
+    warmup: float = 0.25  # fraction of steps spent rising to the peak learning rate
+    distill_alpha: float = 0.5  # weight of the teacher's soft targets when distilling
+    temperature: float = 4.0
+    quiet: bool = False
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    seconds: float
+
+
+def setup_torch(seed: int, threads: int | None = None) -> None:
+    """Seed everything and use every core we were given (torch defaults to physical cores)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    torch.use_deterministic_algorithms(False)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Normalize:
+    """uint8 NCHW -> float32 NCHW, `(x / 255 - mean) / std`, as the service's preprocessing."""
+
+    def __init__(self, mean: list[float], std: list[float], dev: torch.device) -> None:
+        std_t = torch.tensor(std, device=dev).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.bias = -torch.tensor(mean, device=dev).view(1, -1, 1, 1) / std_t
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale + self.bias
+
+
+def to_nchw(images: np.ndarray, dev: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dev)
+
+
+class Augment:
+    """Random crop with zero padding, horizontal flip and random erasing on a uint8 batch."""
+
+    def __init__(self, config: TrainConfig, generator: torch.Generator) -> None:
+        self.pad, self.flip, self.erase_p = config.pad, config.flip, config.erase_p
+        self.generator = generator
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.device = batch.device
+        if self.pad:
+            batch = self.crop(batch)
+        if self.flip:
+            flip = self.rand(len(batch)) < 0.5
+            batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(3), batch)
+        if self.erase_p:
+            batch = self.erase(batch)
+        return batch
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator).to(self.device)
+
+    def crop(self, batch: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = batch.shape
+        p = self.pad
+        padded = F.pad(batch, (p, p, p, p))
+        dy = (self.rand(n) * (2 * p + 1)).long()
+        dx = (self.rand(n) * (2 * p + 1)).long()
+        rows = (dy.view(-1, 1) + torch.arange(h, device=batch.device)).view(n, 1, h, 1)
+        cols = (dx.view(-1, 1) + torch.arange(w, device=batch.device)).view(n, 1, 1, w)
+        index = torch.arange(n, device=batch.device).view(n, 1, 1, 1)
+        channels = torch.arange(batch.shape[1], device=batch.device).view(1, -1, 1, 1)
+        return padded[index, channels, rows, cols]
+
+    def erase(self, batch: torch.Tensor) -> torch.Tensor:
+        """Blank one rectangle (20-50% of each side) in each chosen image."""
+        n, _, h, w = batch.shape
+        chosen = self.rand(n) < self.erase_p
+        eh = (h * (0.2 + 0.3 * self.rand(n))).long()
+        ew = (w * (0.2 + 0.3 * self.rand(n))).long()
+        top = (self.rand(n) * (h - eh + 1)).long()
+        left = (self.rand(n) * (w - ew + 1)).long()
+        ys = torch.arange(h, device=batch.device).view(1, h, 1)
+        xs = torch.arange(w, device=batch.device).view(1, 1, w)
+        inside = (
+            (ys >= top.view(-1, 1, 1))
+            & (ys < (top + eh).view(-1, 1, 1))
+            & (xs >= left.view(-1, 1, 1))
+            & (xs < (left + ew).view(-1, 1, 1))
+            & chosen.view(-1, 1, 1)
+        )
+        return batch.masked_fill(inside.unsqueeze(1), 0)
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        total_steps=steps,
+        pct_start=config.warmup,
+        div_factor=10.0,
+        final_div_factor=100.0,
+        anneal_strategy="cos",
+        three_phase=False,
+    )
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD; no weight decay on BN and bias parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99))
+
+
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: TrainConfig
+) -> torch.Tensor:
+    """Hinton's KD: KL between tempered softmaxes (scaled by T^2) mixed with the hard loss."""
+    t = config.temperature
+    soft = F.kl_div(
+        F.log_softmax(student / t, 1),
+        F.log_softmax(teacher / t, 1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+    hard = F.cross_entropy(student, labels, label_smoothing=config.label_smoothing)
+    return config.distill_alpha * soft + (1 - config.distill_alpha) * hard
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    normalize: Normalize,
+    batch_size: int = 1000,
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over uint8 NCHW images."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start : start + batch_size]).contiguous(
+            memory_format=torch.channels_last
+        )
+        y = labels[start : start + batch_size]
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss / max(1, len(labels)), correct / max(1, len(labels))
+
+
+def train(
+    model: nn.Module,
+    train_set: tuple[np.ndarray, np.ndarray],
+    val_set: tuple[np.ndarray, np.ndarray],
+    mean: list[float],
+    std: list[float],
+    config: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    prepare_step: Callable[[nn.Module], None] | None = None,
+    desc: str = "train",
+) -> tuple[nn.Module, list[EpochLog]]:
+    """Train in place; return the model holding the best validation weights, and the log."""
+    dev = device()
+    model.to(dev).to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(dev).to(memory_format=torch.channels_last).eval()
+    images, labels = to_nchw(train_set[0], dev), torch.from_numpy(train_set[1]).to(dev)
+    val_images, val_labels = to_nchw(val_set[0], dev), torch.from_numpy(val_set[1]).to(dev)
+    normalize = Normalize(mean, std, dev)
+    generator = torch.Generator().manual_seed(config.seed)
+    augment = Augment(config, generator)
+    steps_per_epoch = max(1, len(labels) // config.batch_size)  # drop the ragged last batch
+    optimizer = make_optimizer(model, config)
+    schedule = one_cycle(optimizer, config, config.epochs * steps_per_epoch)
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=use_amp)
+    best_state, best_accuracy, history = None, -1.0, []
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(len(labels), generator=generator).to(dev)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{desc} {epoch}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            # None: a bar on a terminal, none in a log file (the epoch lines still print)
+            disable=True if config.quiet else None,
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = normalize(augment(images[index])).contiguous(memory_format=torch.channels_last)
+            y = labels[index]
+            with torch.autocast(dev.type, enabled=use_amp):
+                logits = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target_logits = teacher(x)
+                    loss = distill_loss(logits, target_logits, y, config)
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            if prepare_step is not None:
+                prepare_step(model)
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        val_loss, val_accuracy = evaluate(model, val_images, val_labels, normalize)
+        log = EpochLog(
+            epoch=epoch,
+            train_loss=total_loss / max(1, seen),
+            train_accuracy=correct / max(1, seen),
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            lr=optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+        )
+        history.append(log)
+        if not config.quiet:
+            tqdm.write(
+                f"{desc} epoch {epoch}/{config.epochs}: loss {log.train_loss:.4f} "
+                f"acc {log.train_accuracy:.4f} | val loss {val_loss:.4f} acc {val_accuracy:.4f} "
+                f"| {log.seconds:.1f}s",
+                file=sys.stderr,  # with the build's other progress lines, unbuffered
+            )
+        # ">=": on ties the later epoch wins, since it has seen more of the annealed schedule
+        if val_accuracy >= best_accuracy:
+            best_accuracy, best_state = val_accuracy, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model.to("cpu").to(memory_format=torch.contiguous_format), history

@@ -1,0 +1,176 @@
+"""The build's parts on their own: network, augmentation, export, pruning, QAT, gate, speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import evaluate, export, net, prune, qat, quantize, speed, train
+from models.pipeline import replace_symlink
+
+
+@pytest.fixture(scope="module")
+def trained_like() -> net.Net:
+    """A small net with non-trivial batch-norm statistics, as training leaves them."""
+    torch.manual_seed(0)
+    model = net.Net(net.NetConfig(width=4))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(trained_like: net.Net, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folded = export.fold_batch_norm(trained_like)
+    return export.export_onnx(folded, tmp_path_factory.mktemp("onnx") / "m.onnx", (1, 28, 28))
+
+
+def images(n: int = 8, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).normal(0, 1, (n, *shape)).astype(np.float32))
+
+
+def test_network_shapes_follow_the_input() -> None:
+    assert net.NetConfig(input_height=28, input_width=28).stage_widths() == [64, 128]
+    assert net.NetConfig(input_height=32, input_width=32, width=8).stage_widths() == [16, 32]
+    assert net.NetConfig(input_height=64, input_width=64, width=8).stage_widths() == [16, 32, 64]
+    rgb = net.Net(net.NetConfig(in_channels=3, classes=7, input_height=32, input_width=48, width=4))
+    assert rgb(images(2, (3, 32, 48))).shape == (2, 7)
+
+
+def test_augmentation_keeps_shape_and_changes_pixels() -> None:
+    batch = torch.randint(1, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    config = train.TrainConfig(pad=2, flip=True, erase_p=1.0)
+    out = train.Augment(config, torch.Generator().manual_seed(0))(batch)
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    assert (out == 0).any()  # padding and erasing both bring in black pixels
+    assert not torch.equal(out, batch)
+    plain = train.TrainConfig(pad=0, flip=False, erase_p=0.0)
+    assert torch.equal(train.Augment(plain, torch.Generator())(batch), batch)
+
+
+def test_normalize_matches_the_service(tmp_path: Path) -> None:
+    from app.bundle import InputSpec
+    from app.preprocess import Preprocessor
+    from models.data import encode_png
+
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 28, 28, 1), dtype=np.uint8)
+    spec = InputSpec(height=28, width=28, channels=1, color="L", mean=[0.286], std=[0.353])
+    served = Preprocessor(spec)(encode_png(pixels[0]))
+    trained = train.Normalize([0.286], [0.353], torch.device("cpu"))(
+        train.to_nchw(pixels, torch.device("cpu"))
+    )
+    np.testing.assert_allclose(trained.numpy(), served, atol=1e-5)
+
+
+def test_fold_export_and_parity(trained_like: net.Net, exported: Path, tmp_path: Path) -> None:
+    folded = export.fold_batch_norm(trained_like)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = images()
+    torch.testing.assert_close(folded(x), trained_like(x), atol=1e-5, rtol=1e-5)
+    assert export.parity(trained_like, exported, images(3).numpy()) < 1e-4  # dynamic batch
+    half = export.export_onnx(folded, tmp_path / "h.onnx", (1, 28, 28), fp16=True)
+    (logits,) = export.session(half).run(None, {"input": x.numpy()})
+    assert logits.dtype == np.float32  # fp16 inside, float32 at the edges (the contract)
+    np.testing.assert_allclose(logits, trained_like(x).detach().numpy(), atol=0.05)
+
+
+def test_int8_is_qdq_and_close(exported: Path, tmp_path: Path) -> None:
+    import onnx
+
+    source = exported
+    calibration = images(64).numpy()
+    target = quantize.quantize_int8(source, tmp_path / "q.onnx", calibration, method="minmax")
+    ops = {node.op_type for node in onnx.load(str(target)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    x = images(16).numpy()
+    (full,) = export.session(source).run(None, {"input": x})
+    (eight,) = export.session(target).run(None, {"input": x})
+    assert np.abs(full - eight).max() < 0.25 * np.abs(full).max()
+
+
+def test_pruning_keeps_the_strongest_channels(trained_like: net.Net) -> None:
+    same = prune.prune_channels(trained_like, 0.0).eval()
+    x = images()
+    torch.testing.assert_close(same(x), trained_like(x))
+    smaller = prune.prune_channels(trained_like, 0.5).eval()
+    assert smaller.config.mids == [4, 8]
+    assert net.parameter_count(smaller) < net.parameter_count(trained_like)
+    assert smaller(x).shape == (8, 10)
+    with pytest.raises(ValueError, match="--prune"):
+        prune.prune_channels(trained_like, 1.0)
+
+
+def test_qat_puts_weights_on_the_int8_grid_and_comes_off(trained_like: net.Net) -> None:
+    prepared, handles = qat.prepare(trained_like)
+    prepared.train()
+    prepared(images(16))  # the input observers see a batch
+    conv = next(m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d))
+    weight = conv.weight  # through the fake-quant parametrization
+    scale = weight.detach().abs().amax((1, 2, 3), keepdim=True) / qat.WEIGHT_LEVELS
+    steps = weight.detach() / scale
+    torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)
+    finished = qat.finish(prepared, handles)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in finished.modules())
+    assert finished(images(2)).shape == (2, 10)
+
+
+def test_gate() -> None:
+    ok = evaluate.gate_failures(
+        {"fp32": 0.95, "int8": 0.947, "fp16": 0.95}, max_int8_drop=0.3, min_accuracy=0.9
+    )
+    assert ok == []  # exactly 0.3 points is allowed
+    dropped = evaluate.gate_failures(
+        {"fp32": 0.95, "int8": 0.946}, max_int8_drop=0.3, min_accuracy=0
+    )
+    assert dropped == [
+        "int8 test accuracy 94.60% is 0.40 points below fp32 (95.00%); --max-int8-drop is 0.3 "
+        "points"
+    ]
+    low = evaluate.gate_failures({"fp32": 0.5}, max_int8_drop=0.3, min_accuracy=0.9)
+    assert low == ["fp32 test accuracy 50.00% is below --min-accuracy 90.00%"]
+
+
+def test_scores() -> None:
+    scores = evaluate.score(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    assert scores.accuracy == 0.5
+    assert scores.confusion == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    assert scores.precision == [1.0, pytest.approx(1 / 3), 0.0]
+    assert scores.recall == [0.5, 1.0, 0.0]
+    assert scores.f1[2] == 0.0  # no division by zero for a class never predicted
+
+
+def test_speed_reports_every_variant(exported: Path) -> None:
+    session = export.session(exported)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"input": batch})[0]
+
+    result = speed.throughput({"a": run, "b": run}, (1, 28, 28), rounds=1, images_per_round=32)
+    for figures in result.values():
+        assert figures["batch1_images_per_s"] > 0 and figures["batch32_latency_ms"] > 0
+
+
+def test_latest_symlink_is_replaced_atomically(tmp_path: Path) -> None:
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    replace_symlink(tmp_path / "latest", "v1")
+    replace_symlink(tmp_path / "latest", "v2")
+    assert (tmp_path / "latest").resolve() == (tmp_path / "v2").resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1", "v2"]
+
+
+def test_checkpoint_round_trip(trained_like: net.Net, tmp_path: Path) -> None:
+    """A bundle's checkpoint.pt is what `--teacher PATH` loads."""
+    pruned = prune.prune_channels(trained_like, 0.5).eval()
+    net.save_checkpoint(pruned, tmp_path / "checkpoint.pt")
+    loaded = net.load_checkpoint(tmp_path / "checkpoint.pt").eval()
+    assert loaded.config == pruned.config
+    x = images(2)
+    torch.testing.assert_close(loaded(x), pruned(x))
