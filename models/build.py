@@ -209,7 +209,15 @@ def load_or_train_teacher(source: str, config, fit):
     from models import net as nets
 
     if source != "auto-train":
-        return nets.load_checkpoint(source)
+        teacher = nets.load_checkpoint(source)
+        shape = ("in_channels", "classes", "input_height", "input_width")
+        theirs, ours = teacher.config.to_dict(), config.to_dict()
+        if any(theirs[key] != ours[key] for key in shape):
+            raise BuildError(
+                f"--teacher {source} was trained for {[theirs[k] for k in shape]} "
+                f"(channels, classes, height, width); this dataset needs {[ours[k] for k in shape]}"
+            )
+        return teacher
     wide = nets.NetConfig(**{**config.to_dict(), "width": config.width * 2})
     return fit(nets.Net(wide), "teacher")
 

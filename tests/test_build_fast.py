@@ -14,6 +14,7 @@ from app.settings import Settings
 from models import data
 from models.build import main as build_main
 from tests.conftest import running_app
+from tests.test_build_data import write_image_folder
 
 pytestmark = pytest.mark.skipif(
     not (data.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
@@ -134,3 +135,14 @@ def test_gate_fails_with_the_variant_and_threshold(
     report = (built / "v2" / "report.md").read_text()
     assert "Distillation from auto-train" in report and "Channel pruning 50%" in report
     assert "Quantization-aware training (forced by --qat)" in report
+
+
+def test_teacher_checkpoint_must_fit_the_dataset(
+    built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle's checkpoint.pt is a valid --teacher, but only for data of its shape."""
+    write_image_folder(tmp_path / "pets")
+    teacher = built / "v1" / "checkpoint.pt"
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "pets"), "--out", str(tmp_path)]
+    assert build_main([*argv, "--teacher", str(teacher)]) == 2
+    assert "was trained for [1, 10, 28, 28]" in capsys.readouterr().err

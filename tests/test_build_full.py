@@ -20,6 +20,8 @@ from tests.conftest import live_server
 
 pytestmark = [
     pytest.mark.slow,
+    # the default build alone is ~10 minutes on 2 cores; more when they are shared
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(
         not (data.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
         reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)",
