@@ -75,6 +75,20 @@ def live_server(
     model: Path, *, wait_ready: bool = True, timeout: float = 60, **settings: object
 ) -> Iterator[str]:
     """`python -m app serve` on a free loopback port; yields its base URL, stops it after."""
+    process, url = spawn_server(model, **settings)
+    try:
+        wait_for(url, "/readyz" if wait_ready else "/healthz", process, timeout)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def spawn_server(model: Path, **settings: object) -> tuple[subprocess.Popen, str]:
+    """Start `python -m app serve` on a free loopback port with `BLINK_*` settings; no waiting."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLINK_", "PROMETHEUS_"))}
     env.update({f"BLINK_{k.upper()}": str(v) for k, v in settings.items()})
@@ -86,16 +100,7 @@ def live_server(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url, "/readyz" if wait_ready else "/healthz", process, timeout)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    return process, f"http://127.0.0.1:{port}"
 
 
 def wait_for(url: str, path: str, process: subprocess.Popen, timeout: float) -> None:

@@ -15,16 +15,14 @@ logged before it.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import spawn_server, wait_for
 from tests.images import png
 from tests.metrics_text import scrape, value
 
@@ -34,18 +32,7 @@ GRACE_S = REQUEST_TIMEOUT_S + 1
 
 
 def start_server(model, **settings: object) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BLINK_", "PROMETHEUS_"))}
-    env.update({f"BLINK_{k.upper()}": str(v) for k, v in settings.items()})
-    env.update(BLINK_MODEL=str(model), BLINK_HOST="127.0.0.1", BLINK_PORT=str(port))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = spawn_server(model, **settings)
     wait_for(url, "/readyz", process, 60)
     wait_until_warm(url, int(settings.get("workers", 1)))
     return process, url
