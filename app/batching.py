@@ -5,6 +5,7 @@ The policy is two pure functions (`dispatch_delay`, `batch_take`) that need no e
 cancellation, and a pool of engine slots. It is event-driven rather than polling: it tries to
 dispatch when a request arrives, when a batch finishes and when a queue-delay timer fires, so a
 lone request goes straight to a free engine and batches grow on their own while it is busy.
+A request may carry a `client_gone` probe: one that reads true when its batch forms is dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from app.errors import DeadlineExceeded, Overloaded
 
 BatchFn = Callable[[np.ndarray], np.ndarray]
+GoneProbe = Callable[[], bool]
 
 
 def dispatch_delay(
@@ -74,6 +76,7 @@ class _Pending:
     inputs: np.ndarray
     enqueued_at: float
     future: asyncio.Future[BatchResult]
+    client_gone: GoneProbe | None
     queued: bool = True
     timer: asyncio.TimerHandle | None = field(default=None)
 
@@ -106,10 +109,14 @@ class MicroBatcher:
     def queue_depth(self) -> int:
         return self._queued_items
 
-    def submit(self, inputs: np.ndarray, deadline: float) -> _Pending:
+    def submit(
+        self, inputs: np.ndarray, deadline: float, client_gone: GoneProbe | None = None
+    ) -> _Pending:
         """Queue `inputs` ([n, ...], n <= max_batch_size); `deadline` is on `time.monotonic`.
 
         Returns a handle to `wait()` on; raises `Overloaded` at once when the queue is full.
+        If `client_gone()` reads true when the request's batch forms, it fails with `ClientGone`
+        instead of running.
         """
         size = len(inputs)
         if not 0 < size <= self.max_batch_size:
@@ -121,7 +128,7 @@ class MicroBatcher:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         now = time.monotonic()
-        pending = _Pending(inputs, now, loop.create_future())
+        pending = _Pending(inputs, now, loop.create_future(), client_gone)
         # Relative delay: uvloop's clock is not guaranteed to share time.monotonic()'s origin.
         pending.timer = loop.call_later(deadline - now, self._expire, pending)
         self._queue.append(pending)
@@ -201,6 +208,8 @@ class MicroBatcher:
 
     def _dispatch(self, now: float) -> None:
         batch = self._take()
+        if not batch:  # every candidate had gone
+            return
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
         size = len(inputs)
         if self._observer is not None:
@@ -213,7 +222,10 @@ class MicroBatcher:
         future.add_done_callback(lambda done: self._finish(done, batch, now))
 
     def _take(self) -> list[_Pending]:
-        """Pop the head-of-queue requests that fit in one batch."""
+        """Pop the head-of-queue requests that fit in one batch; drop those whose client went."""
+        gone = [p for p in islice(self._queue, self.max_batch_size) if _client_gone(p)]
+        for pending in gone:  # rare: O(n) removal each
+            self.cancel(pending, ClientGone())
         head = islice(self._queue, self.max_batch_size)
         batch = [
             self._queue.popleft()
@@ -264,6 +276,10 @@ class MicroBatcher:
     def _notify_depth(self) -> None:
         if self._observer is not None:
             self._observer.queue_changed(self._queued_items)
+
+
+def _client_gone(pending: _Pending) -> bool:
+    return pending.client_gone is not None and pending.client_gone()
 
 
 def _timed_call(run_batch: BatchFn, inputs: np.ndarray) -> tuple[np.ndarray, float]:

@@ -40,9 +40,16 @@ def serve(args: argparse.Namespace) -> int:
     except (BundleError, EngineError) as exc:
         print(f"blink: cannot serve: {exc}", file=sys.stderr)
         return 2
-    if settings.workers > 1:
-        prepare_multiprocess_metrics()
+    made = prepare_multiprocess_metrics() if settings.workers > 1 else None
+    try:
+        run_uvicorn(settings)
+    finally:
+        if made is not None:  # a directory we made; one the user named is theirs
+            shutil.rmtree(made, ignore_errors=True)
+    return 0
 
+
+def run_uvicorn(settings) -> None:
     import uvicorn
 
     from app.logs import log_config
@@ -56,11 +63,11 @@ def serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        server_header=False,  # names the software to every client; nothing needs it
         log_config=log_config(settings.log_level),
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1.0, settings.request_timeout_ms / 1000 + 1),
     )
-    return 0
 
 
 def check_bundle(settings) -> None:
@@ -90,14 +97,19 @@ def check_bundle(settings) -> None:
         )
 
 
-def prepare_multiprocess_metrics() -> None:
-    """Give the workers a fresh, shared metrics directory before any of them starts."""
+def prepare_multiprocess_metrics() -> str | None:
+    """Give the workers a fresh, shared metrics directory before any of them starts.
+
+    Returns the directory if it was made here (a temporary one), None if the user named it.
+    """
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         shutil.rmtree(directory, ignore_errors=True)
         Path(directory).mkdir(parents=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="blink-metrics-")
+        return None
+    made = tempfile.mkdtemp(prefix="blink-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
 def build(argv: list[str]) -> int:

@@ -136,6 +136,19 @@ class ServiceMetrics:
         if reg is not None:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
+        # labels() takes a lock and builds a key on every call: keep each route's children.
+        self._answered: dict[tuple[str, int], tuple] = {}
+
+    def request_answered(self, route: str, status: int, seconds: float) -> None:
+        children = self._answered.get((route, status))
+        if children is None:
+            children = (
+                self.requests.labels(route, str(status)),
+                self.request_duration.labels(route),
+            )
+            self._answered[route, status] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     # BatchObserver: called by the batcher on the event loop.
     def batch_started(self, size: int, queue_waits_s: list[float]) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.batching import BatchResult, MicroBatcher
+from app.batching import BatchResult, GoneProbe, MicroBatcher
 from app.bundle import Bundle, load_bundle
 from app.engine import Engine
 from app.errors import NotReady
@@ -102,10 +102,10 @@ class ModelService:
         self.metrics.decode_duration.observe(elapsed)
         return tensor, elapsed
 
-    def submit(self, tensor: np.ndarray, deadline: float):
+    def submit(self, tensor: np.ndarray, deadline: float, client_gone: GoneProbe | None = None):
         if not self.ready:
             raise NotReady("model is warming up")
-        return self.batcher.submit(tensor, deadline)
+        return self.batcher.submit(tensor, deadline, client_gone)
 
     def predictions(self, result: BatchResult, k: int, decode_s: float) -> Prediction:
         return Prediction(

@@ -72,10 +72,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(
-    model: Path, *, wait_ready: bool = True, timeout: float = 60, **settings: object
+    model: Path,
+    *,
+    wait_ready: bool = True,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    **settings: object,
 ) -> Iterator[str]:
     """`python -m app serve` on a free loopback port; yields its base URL, stops it after."""
-    process, url = spawn_server(model, **settings)
+    process, url = spawn_server(model, env, **settings)
     try:
         wait_for(url, "/readyz" if wait_ready else "/healthz", process, timeout)
         yield url
@@ -87,10 +92,13 @@ def live_server(
             process.kill()
 
 
-def spawn_server(model: Path, **settings: object) -> tuple[subprocess.Popen, str]:
+def spawn_server(
+    model: Path, extra_env: dict[str, str] | None = None, **settings: object
+) -> tuple[subprocess.Popen, str]:
     """Start `python -m app serve` on a free loopback port with `BLINK_*` settings; no waiting."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLINK_", "PROMETHEUS_"))}
+    env.update(extra_env or {})
     env.update({f"BLINK_{k.upper()}": str(v) for k, v in settings.items()})
     env.update(BLINK_MODEL=str(model), BLINK_HOST="127.0.0.1", BLINK_PORT=str(port))
     process = subprocess.Popen(

@@ -135,8 +135,8 @@ def test_not_ready_until_warm_up_finishes(slow_bundle_dir):
         assert value(scrape(url), "blink_ready") == 1
 
 
-def test_two_workers_share_one_set_of_metrics(bundle_dir):
-    with live_server(bundle_dir, workers=2, threads=1) as url:
+def test_two_workers_share_one_set_of_metrics(bundle_dir, tmp_path):
+    with live_server(bundle_dir, workers=2, threads=1, env={"TMPDIR": str(tmp_path)}) as url:
         for _ in range(100):  # readyz answered by one worker; wait until both are serving
             if value(scrape(url), "blink_engine_slots") == 2:
                 break
@@ -145,6 +145,8 @@ def test_two_workers_share_one_set_of_metrics(bundle_dir):
         for body in bodies:  # a new connection each: the kernel spreads them over workers
             assert httpx.post(url + "/classify", content=body, headers=PNG).status_code == 200
         samples = scrape(url)
+        assert list(tmp_path.glob("blink-metrics-*/*.db")), "the workers' shared metric files"
+    assert not list(tmp_path.glob("blink-metrics-*")), "the server removes the directory it made"
     assert value(samples, "blink_engine_slots") == 2  # one slot per worker, summed
     assert value(samples, "blink_requests_total", route="/classify", status="200") == 40
     assert value(samples, "blink_request_duration_seconds_count", route="/classify") == 40

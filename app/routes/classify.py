@@ -7,7 +7,6 @@ Its OpenAPI description is written by hand in app/openapi.py.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -20,6 +19,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from app.batching import ClientGone
+from app.disconnect import disconnect_probe, wait_all
 from app.errors import (
     BadImage,
     BlinkError,
@@ -66,8 +66,9 @@ async def classify(service: ModelService, scope: Scope, receive: Receive, send: 
         data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
         deadline = time.monotonic() + service.settings.request_timeout_ms / 1000
         tensor, decode_s = await service.preprocess(data)
-        pending = service.submit(tensor, deadline)
-        result = await wait_unless_disconnected(service, pending, receive)
+        probe = disconnect_probe(receive)
+        pending = service.submit(tensor, deadline, probe)
+        (result,) = await wait_all(service.batcher, [pending], receive, probe)
         prediction = service.predictions(result, top_k, decode_s)
         manifest = service.bundle.manifest
         body = orjson.dumps(
@@ -112,8 +113,7 @@ async def classify(service: ModelService, scope: Scope, receive: Receive, send: 
     finally:
         elapsed = time.perf_counter() - started
         metrics.in_flight.dec()
-        metrics.requests.labels(ROUTE, str(status)).inc()
-        metrics.request_duration.labels(ROUTE).observe(elapsed)
+        metrics.request_answered(ROUTE, status, elapsed)
         if service.settings.access_log:
             log.info(
                 "request",
@@ -208,28 +208,6 @@ async def read_multipart_file(scope: Scope, receive: Receive) -> bytes:
         return await upload.read()
     finally:
         await form.close()
-
-
-async def wait_unless_disconnected(service: ModelService, pending, receive: Receive):
-    """Wait for the batch result; if the client goes away first, drop the request."""
-    batcher = service.batcher
-    watcher = asyncio.ensure_future(until_disconnect(receive))
-
-    def on_disconnect(task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is None:
-            batcher.cancel(pending, ClientGone())
-
-    watcher.add_done_callback(on_disconnect)
-    try:
-        return await batcher.wait(pending)
-    finally:
-        watcher.remove_done_callback(on_disconnect)
-        watcher.cancel()
-
-
-async def until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def respond(

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.types import Receive
 
-from app.batching import BatchResult, ClientGone
+from app.batching import BatchResult
+from app.disconnect import as_reason, disconnect_probe, wait_all
 from app.errors import BlinkError
-from app.routes.classify import until_disconnect
 from app.service import ModelService
 from app.v2.codec import encode_response, parse_request
 from app.v2.errors import V2Error
@@ -97,6 +97,7 @@ async def run_blocks(
     service: ModelService, pixels: np.ndarray, deadline: float, receive: Receive
 ) -> list[BatchResult]:
     batcher = service.batcher
+    probe = disconnect_probe(receive)
     capacity = service.settings.queue_capacity
     if len(pixels) > capacity:
         raise V2Error(400, f"{len(pixels)} images exceed the queue's capacity of {capacity}")
@@ -104,37 +105,11 @@ async def run_blocks(
     pendings = []
     try:
         for start in range(0, len(pixels), step):
-            pendings.append(service.submit(pixels[start : start + step], deadline))
+            pendings.append(service.submit(pixels[start : start + step], deadline, probe))
     except BaseException as exc:
         await drop(batcher, pendings, exc)
         raise
-    return await wait_all(batcher, pendings, receive)
-
-
-async def wait_all(batcher, pendings: list, receive: Receive) -> list[BatchResult]:
-    """Every block's result, in order; if the client goes away or a block fails, drop the rest."""
-    watcher = asyncio.ensure_future(until_disconnect(receive))
-
-    def on_disconnect(task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is None:
-            for pending in pendings:
-                batcher.cancel(pending, ClientGone())
-
-    watcher.add_done_callback(on_disconnect)
-    try:
-        if len(pendings) == 1:
-            return [await batcher.wait(pendings[0])]
-        # gather collects the exceptions of the blocks cancelled below, so none goes unheard
-        waiting = asyncio.gather(*(batcher.wait(p) for p in pendings))
-        try:
-            return list(await waiting)
-        except BaseException as exc:
-            for pending in pendings:
-                batcher.cancel(pending, as_reason(exc))
-            raise
-    finally:
-        watcher.remove_done_callback(on_disconnect)
-        watcher.cancel()
+    return await wait_all(batcher, pendings, receive, probe)
 
 
 async def drop(batcher, pendings: list, exc: BaseException) -> None:
@@ -143,8 +118,3 @@ async def drop(batcher, pendings: list, exc: BaseException) -> None:
         batcher.cancel(pending, as_reason(exc))
         with contextlib.suppress(Exception):
             await batcher.wait(pending)  # already answered: returns at once
-
-
-def as_reason(exc: BaseException) -> Exception:
-    # a future cannot be failed with a CancelledError; the request is gone all the same
-    return exc if isinstance(exc, Exception) else ClientGone()

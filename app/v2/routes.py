@@ -227,8 +227,7 @@ async def answer_infer(
     finally:
         elapsed = time.perf_counter() - started
         metrics.in_flight.dec()
-        metrics.requests.labels(INFER_ROUTE, str(status)).inc()
-        metrics.request_duration.labels(INFER_ROUTE).observe(elapsed)
+        metrics.request_answered(INFER_ROUTE, status, elapsed)
         if addressed and status != 200:
             model.stats.record_failure(elapsed)
 
