@@ -2,10 +2,11 @@
 
 The service is pinned to one core and driven from the other by wrk (closed loop, every latency
 recorded). Beside it, on the same core: (a) the engine ceiling without HTTP, (b) a bare uvicorn
-echo app (the HTTP ceiling), (c) the service with batching off, (d) the same images through the
-Open Inference Protocol (`/v2/models/<name>/infer`, binary tensors, top-5 classification, as a
-Triton client sends them). Rounds are interleaved across targets and repeated, so drift on a
-noisy machine hits all of them alike; the spread is printed.
+echo app (the HTTP ceiling), (c) the service with batching off, (d) the least a batching handler
+can do on this stack (bench/minimal_app.py: no metrics, deadlines or validation), (e) the same
+images through the Open Inference Protocol (`/v2/models/<name>/infer`, binary tensors, top-5
+classification, as a Triton client sends them). Rounds are interleaved across targets and
+repeated, so drift on a noisy machine hits all of them alike; the spread is printed.
 
     python bench/run.py [--model models/repository/fashion-mnist] [--seconds 5] [--repeat 3]
 """
@@ -124,13 +125,17 @@ def engine_ceiling(model: Path, bodies: Path, cpu: int, repeat: int) -> dict:
 def servers(model: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
     blink = [sys.executable, "-m", "app", "serve"]
     base = {"BLINK_MODEL": str(model), "BLINK_THREADS": "1", "BLINK_WORKERS": "1"}
-    echo = [sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", "{port}"]
-    echo += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    uvicorn = [sys.executable, "-m", "uvicorn", "--port", "{port}", "--loop", "uvloop"]
+    uvicorn += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
     return {
         "blink": (blink, base, "/readyz"),
         "blink, batching off": (blink, {**base, "BLINK_MAX_BATCH_SIZE": "1"}, "/readyz"),
-        "echo (HTTP ceiling)": (echo, {}, "/"),
+        "echo (HTTP ceiling)": ([*uvicorn, "bench.echo_app:app"], {}, "/"),
+        MINIMAL: ([*uvicorn, "bench.minimal_app:app"], {"BLINK_MODEL": str(model)}, "/"),
     }
+
+
+MINIMAL = "minimal batching handler"
 
 
 V2_TARGET = "blink, /v2 infer (binary)"
@@ -223,6 +228,8 @@ def report(ceiling: dict, served: dict, args: argparse.Namespace) -> str:
         checks.append(
             (f"c={top} vs batching off", f"{got / nobatch_rps:.2f}x", "> 1x", got > nobatch_rps)
         )
+        floor = served[MINIMAL][top]["rps"]["median"]
+        checks.append((f"c={top} vs {MINIMAL}", f"{got / floor:.2f}x", "(reference)", None))
         v2 = served[V2_TARGET][top]["rps"]["median"]
         checks.append(
             (f"c={top} /v2 infer vs /classify", f"{v2 / got:.2f}x", ">= 0.9x", v2 >= 0.9 * got)
@@ -235,7 +242,8 @@ def report(ceiling: dict, served: dict, args: argparse.Namespace) -> str:
         echo_p50 = served["echo (HTTP ceiling)"][1]["p50_us"]["median"] / 1000
         goal = 1000 / b1 + echo_p50 + 0.2
         checks.append(("c=1 p50", f"{p50:.3f} ms", f"<= {goal:.3f} ms", p50 <= goal))
-    lines += [f"| {a} | {b} | {c} | {'yes' if d else 'NO'} |" for a, b, c, d in checks]
+    verdict = {True: "yes", False: "NO", None: "-"}
+    lines += [f"| {a} | {b} | {c} | {verdict[d]} |" for a, b, c, d in checks]
     return "\n".join(lines)
 
 
