@@ -8,6 +8,7 @@ Its OpenAPI description is written by hand in app/openapi.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -51,14 +52,21 @@ RAW_MEDIA_TYPES = frozenset(
     }
 )
 MULTIPART = "multipart/form-data"
+REQUEST_ID_PREFIX = os.urandom(4).hex().encode()
+REQUEST_COUNTER = itertools.count()
 REJECTION_REASONS = {Overloaded: "queue_full", NotReady: "not_ready", DeadlineExceeded: "deadline"}
+
+
+def new_request_id() -> bytes:
+    """Unique across workers and restarts (a random per-process prefix), without a syscall."""
+    return b"%s%08x" % (REQUEST_ID_PREFIX, next(REQUEST_COUNTER))
 
 
 async def classify(service: ModelService, scope: Scope, receive: Receive, send: Send) -> None:
     started = time.perf_counter()
     metrics = service.metrics
     headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
-    request_id = (headers.get(b"x-request-id") or os.urandom(8).hex().encode())[:128]
+    request_id = (headers.get(b"x-request-id") or new_request_id())[:128]
     status = 200
     metrics.in_flight.inc()
     try:
