@@ -19,7 +19,7 @@ from models.pipeline import BuildError, BuildState, GateFailed, default_version,
 
 DEFAULTS = {
     "epochs": 6,
-    "batch_size": 256,
+    "batch_size": 128,
     "width": 24,
     "depth": 1,
 }
@@ -60,7 +60,9 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--width", type=int, default=DEFAULTS["width"], help="stem channels")
     t.add_argument("--depth", type=int, default=DEFAULTS["depth"], help="blocks per stage")
-    t.add_argument("--erase", type=float, default=0.25, help="random-erasing probability per image")
+    # Off by default: six epochs underfit (train accuracy stays below validation's), and erasing
+    # a quarter of the images cost 0.5 points there; longer schedules may want it back.
+    t.add_argument("--erase", type=float, default=0.0, help="random-erasing probability per image")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, help="torch threads (default: every available core)")
     c = p.add_argument_group("compression")

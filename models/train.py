@@ -26,14 +26,14 @@ WEIGHT_DECAY = {"adamw": 5e-2, "sgd": 5e-4}  # AdamW's is decoupled, hence much 
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 256
+    batch_size: int = 128
     optimizer: str = "adamw"  # or "sgd" (Nesterov momentum)
     lr: float = 4e-3  # peak of the one-cycle schedule
     weight_decay: float = 5e-2
     label_smoothing: float = 0.1
     pad: int = 2  # random crop: pad each side, then crop back to the input size
     flip: bool = True
-    erase_p: float = 0.25  # random erasing: chance per image of blanking one rectangle
+    erase_p: float = 0.0  # random erasing: chance per image of blanking one rectangle
     seed: int = 0
     warmup: float = 0.25  # fraction of steps spent rising to the peak learning rate
     distill_alpha: float = 0.5  # weight of the teacher's soft targets when distilling

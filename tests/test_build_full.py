@@ -48,7 +48,7 @@ def test_default_build_meets_its_targets(default_build: Path) -> None:
     )
     # The goal is 94.0% (see the README's build section for what was tried); this floor is what
     # the default build reaches with its seed, with room for run-to-run noise in CPU kernels.
-    assert int8["accuracy"] >= 0.915
+    assert int8["accuracy"] >= 0.92  # measured 92.92%
     assert (fp32["accuracy"] - int8["accuracy"]) * 100 <= 0.3 + 1e-9
     assert manifest.provenance["params"] < 1_000_000
     assert set(manifest.variants) == {"fp32", "int8", "fp16"}
