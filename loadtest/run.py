@@ -137,11 +137,17 @@ def target(url: str | None, model: Path, workers: int | None, out: Path) -> Iter
             wait_ready(base, process, out / "server.log")
             yield base
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_process(process)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Ask a child to stop (SIGTERM); kill it if it has not exited within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ from asgi_lifespan import LifespanManager
 
 from app.main import create_app
 from app.settings import Settings
+from loadtest.run import stop_process
 from tests.onnx_models import write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,11 +86,7 @@ def live_server(
         wait_for(url, "/readyz" if wait_ready else "/healthz", process, timeout)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def spawn_server(

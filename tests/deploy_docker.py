@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from loadtest.run import stop_process
+
 SUITE = "bookworm"
 MIRROR = os.environ.get("BLINK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
@@ -133,12 +135,7 @@ def docker_engine(log_dir: Path) -> Iterator[Docker]:
         wait_for_engine(docker, process, log_path)
         yield docker
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=60)
 
 
 def wait_for_engine(docker: Docker, process: subprocess.Popen, log_path: Path) -> None:

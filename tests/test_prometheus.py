@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.run import stop_process
 from tests.conftest import ROOT, free_port, live_server
 from tests.images import png
 from tests.test_grafana import dashboard
@@ -181,11 +182,7 @@ def prometheus_server(tmp_path: Path, target: str) -> Iterator[str]:
         wait_until(lambda: ready(url), "prometheus ready", process, tmp_path / "prometheus.log")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
         log.close()
 
 
