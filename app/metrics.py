@@ -7,6 +7,7 @@ worker imports prometheus_client) and each scrape aggregates every process's fil
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -117,8 +118,8 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
-        # Set by the service once warm-up succeeds: what /readyz says, for alerting. With several
-        # workers the lowest wins, so one cold worker reads as not ready.
+        # Set by the service once warm-up succeeds, for alerting. With several workers the lowest
+        # wins, so one cold worker reads as not ready; /readyz counts them (ready_workers).
         self.ready = Gauge(
             "blink_ready",
             "1 once the model is loaded and warmed up (GET /readyz answers 200), else 0.",
@@ -173,6 +174,33 @@ class ServiceMetrics:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
+
+
+def ready_workers() -> int:
+    """Live worker processes whose `blink_ready` is 1 (multiprocess mode only).
+
+    Each worker warms up on its own, so one that is ready says little about the others. Files of
+    a process that died without cleaning up (SIGKILL) are skipped: a stale 1 would count a worker
+    that is gone while its replacement is still cold.
+    """
+    count = 0
+    for path in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_livemin_*.db"):
+        if not process_alive(int(path.stem.rsplit("_", 1)[1])):
+            continue
+        for metric in multiprocess.MultiProcessCollector.merge([str(path)], accumulate=False):
+            if metric.name == "blink_ready":
+                count += any(sample.value == 1 for sample in metric.samples)
+    return count
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
 
 
 def mark_worker_exit() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -15,8 +17,10 @@ import onnxruntime as ort
 import pytest
 
 from app.bundle import load_bundle
+from app.metrics import ready_workers
 from app.postprocess import top_k
 from app.preprocess import Preprocessor
+from loadtest.run import stop_process
 from tests.conftest import live_server
 from tests.images import png
 from tests.metrics_text import scrape, value
@@ -137,10 +141,8 @@ def test_not_ready_until_warm_up_finishes(slow_bundle_dir):
 
 def test_two_workers_share_one_set_of_metrics(bundle_dir, tmp_path):
     with live_server(bundle_dir, workers=2, threads=1, env={"TMPDIR": str(tmp_path)}) as url:
-        for _ in range(100):  # readyz answered by one worker; wait until both are serving
-            if value(scrape(url), "blink_engine_slots") == 2:
-                break
-            time.sleep(0.1)
+        # /readyz said ready (live_server waited for it): every worker has warmed up
+        assert value(scrape(url), "blink_ready") == 1
         bodies = [png(i) for i in range(40)]
         for body in bodies:  # a new connection each: the kernel spreads them over workers
             assert httpx.post(url + "/classify", content=body, headers=PNG).status_code == 200
@@ -151,6 +153,34 @@ def test_two_workers_share_one_set_of_metrics(bundle_dir, tmp_path):
     assert value(samples, "blink_requests_total", route="/classify", status="200") == 40
     assert value(samples, "blink_request_duration_seconds_count", route="/classify") == 40
     assert value(samples, "blink_batch_size_sum") == 40
+
+
+def test_readiness_counts_live_warmed_workers(tmp_path, monkeypatch):
+    """Each worker warms up alone; a killed one's files must not count for its cold successor."""
+    script = (
+        "import sys, time\n"
+        "from app.metrics import ServiceMetrics\n"
+        "ServiceMetrics().ready.set(int(sys.argv[1]))\n"
+        "print('set', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, ready], env=env, stdout=subprocess.PIPE)
+        for ready in ("1", "1", "0")
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout.readline() == b"set\n"
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        assert ready_workers() == 2
+        workers[0].kill()  # no clean exit: its files stay behind
+        workers[0].wait()
+        assert len(list(tmp_path.glob("gauge_livemin_*.db"))) == 3
+        assert ready_workers() == 1
+    finally:
+        for worker in workers:
+            stop_process(worker)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) absent")

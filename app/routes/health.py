@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.errors import NotReady
+from app.metrics import ready_workers
 from app.schemas import ErrorResponse, Status
 
 router = APIRouter(tags=["health"])
@@ -18,7 +19,7 @@ async def healthz() -> dict:
 @router.get(
     "/readyz",
     response_model=Status,
-    summary="The model is loaded and warmed up",
+    summary="The model is loaded and warmed up (in every worker)",
     responses={503: {"model": ErrorResponse, "description": "Still warming up"}},
 )
 async def readyz(request: Request) -> dict:
@@ -27,4 +28,8 @@ async def readyz(request: Request) -> dict:
         raise NotReady(f"warm-up failed: {service.warm_up_error}")
     if not service.ready:
         raise NotReady("model is warming up")
+    # With several workers, any of them may answer this probe: ready means all of them are.
+    workers = request.app.state.settings.workers
+    if service.metrics.multiprocess and workers > 1 and (warm := ready_workers()) < workers:
+        raise NotReady(f"{warm} of {workers} workers have warmed up")
     return {"status": "ready"}
