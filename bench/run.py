@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,16 +29,11 @@ from pathlib import Path
 import httpx
 
 from bench.images import write_bodies, write_v2_bodies
+from loadtest.processes import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "repository" / "fashion-mnist"
 LUA = ROOT / "bench" / "post_images.lua"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -66,10 +60,11 @@ def server(
                 if httpx.get(url + ready_path, timeout=1).status_code == 200:
                     break
             time.sleep(0.1)
+        else:
+            raise TimeoutError(f"{command}: {url}{ready_path} not 200 after 120 s")
         yield url, process.pid
     finally:
-        process.terminate()
-        process.wait(30)
+        stop_process(process)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -20,7 +20,6 @@ import json
 import math
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from loadtest import plots, report
 from loadtest.images import DatasetMissing, dataset_files
+from loadtest.processes import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "loadtest" / "reports"
@@ -138,22 +138,6 @@ def target(url: str | None, model: Path, workers: int | None, out: Path) -> Iter
             yield base
         finally:
             stop_process(process)
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
-    """Ask a child to stop (SIGTERM); kill it if it has not exited within `timeout` seconds."""
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(base: str, process: subprocess.Popen, log: Path, timeout: float = 600) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from asgi_lifespan import LifespanManager
 
 from app.main import create_app
 from app.settings import Settings
-from loadtest.run import stop_process
+from loadtest.processes import free_port, stop_process
 from tests.onnx_models import write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,12 +62,6 @@ async def _sleep(seconds: float) -> None:
 async def client(bundle_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with running_app(Settings(model=bundle_dir, threads=1)) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

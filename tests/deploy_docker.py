@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from loadtest.run import stop_process
+from loadtest.processes import stop_process
 
 SUITE = "bookworm"
 MIRROR = os.environ.get("BLINK_DEBIAN_MIRROR", "http://deb.debian.org/debian")

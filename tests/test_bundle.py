@@ -23,7 +23,8 @@ from app.bundle import (
     resolve_bundle_dir,
     verify_variant,
 )
-from tests.conftest import ROOT, free_port, live_server
+from loadtest.processes import free_port
+from tests.conftest import ROOT, live_server
 from tests.onnx_models import LABELS, write_bundle
 
 Edit = Callable[[Path], None]

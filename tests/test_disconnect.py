@@ -9,7 +9,7 @@ import uvicorn
 
 from app.batching import ClientGone, MicroBatcher
 from app.disconnect import disconnect_probe, wait_all
-from tests.conftest import free_port
+from loadtest.processes import free_port
 from tests.test_batching import GatedModel, item, later
 
 

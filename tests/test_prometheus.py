@@ -22,8 +22,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.run import stop_process
-from tests.conftest import ROOT, free_port, live_server
+from loadtest.processes import free_port, stop_process
+from tests.conftest import ROOT, live_server
 from tests.images import png
 from tests.test_grafana import dashboard
 from tests.test_grafana import queries as grafana_queries

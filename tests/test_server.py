@@ -20,7 +20,7 @@ from app.bundle import load_bundle
 from app.metrics import ready_workers
 from app.postprocess import top_k
 from app.preprocess import Preprocessor
-from loadtest.run import stop_process
+from loadtest.processes import stop_process
 from tests.conftest import live_server
 from tests.images import png
 from tests.metrics_text import scrape, value
