@@ -57,9 +57,13 @@ class ModelService:
             queue_capacity=settings.queue_capacity,
             engine_slots=settings.engine_slots,
             observer=metrics,
+            inline_max_s=settings.inline_max_ms / 1000,
+            # Under load the loop is needed for reading and decoding: keep inference off it.
+            inline_when=lambda: self.active_requests <= 1,
         )
         pool_size = settings.decode_threads or usable_cores()
         self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")
+        self.active_requests = 0
         self.ready = False
         self.warm_up_error: str | None = None
         metrics.engine_slots.set(settings.engine_slots)
@@ -67,6 +71,14 @@ class ModelService:
         metrics.model_info.labels(
             manifest.name, manifest.version, self.engine.variant, self.engine.provider
         ).set(1)
+
+    def request_started(self) -> None:
+        self.active_requests += 1
+        self.metrics.in_flight.inc()
+
+    def request_finished(self) -> None:
+        self.active_requests -= 1
+        self.metrics.in_flight.dec()
 
     @property
     def num_classes(self) -> int:

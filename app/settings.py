@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(0.0, ge=0, description="Wait this long for fuller batches.")
     queue_capacity: int = Field(1024, ge=1, description="Requests waiting beyond this get 503.")
     engine_slots: int = Field(1, ge=1, le=64, description="Batches in flight at once.")
+    inline_max_ms: float = Field(
+        1.0,
+        ge=0,
+        description="A lone request on an idle engine runs on the event loop, without the hop to "
+        "the engine thread, while a batch of one takes at most this long; 0 = never.",
+    )
     request_timeout_ms: float = Field(5000.0, gt=0, description="Deadline from arrival.")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="Width x height before decoding.")

@@ -267,3 +267,81 @@ async def test_batched_results_equal_single_image_runs_bit_for_bit(bundle_dir):
         assert results[-1].batch_size == 23
         for i, result in enumerate(results):
             assert np.array_equal(result.outputs, run(images[i : i + 1])), (variant, i)
+
+
+class ThreadRecorder:
+    """Doubles its input and records the thread and the batch of every call."""
+
+    def __init__(self, seconds: float = 0.0, fail: bool = False) -> None:
+        self.calls: list[tuple[int, list[float]]] = []
+        self.seconds, self.fail = seconds, fail
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append((threading.get_ident(), batch[:, 0].tolist()))
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("engine failed")
+        return batch * 2
+
+
+async def test_lone_request_runs_on_the_loop_once_a_batch_of_one_is_known_to_be_quick():
+    model = ThreadRecorder()
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    first = await batcher.run(item(1), later())  # measured on the engine thread
+    second = await batcher.run(item(2), later())
+    assert (first.outputs.tolist(), second.outputs.tolist()) == ([[2.0]], [[4.0]])
+    loop_thread = threading.get_ident()
+    assert [thread == loop_thread for thread, _ in model.calls] == [False, True]
+
+
+async def test_requests_arriving_together_are_batched_on_the_engine_thread_not_run_inline():
+    model = ThreadRecorder()
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    await batcher.run(item(0), later())
+    # submitted in one pass of the loop: the inline decision waits for the end of it
+    pending = [batcher.submit(item(v), later()) for v in (1, 2, 3)]
+    results = [await batcher.wait(p) for p in pending]
+    assert [r.outputs[0, 0] for r in results] == [2.0, 4.0, 6.0]
+    assert model.calls[1][1] == [1.0, 2.0, 3.0]
+    assert model.calls[1][0] != threading.get_ident()
+
+
+@pytest.mark.parametrize(
+    ("inline_max_s", "engine_seconds", "inline_when"),
+    [
+        (0.0, 0.0, None),  # off
+        (0.005, 0.02, None),  # a batch of one is too slow to hold the loop for
+        (0.05, 0.0, lambda: False),  # the service says others are in progress
+    ],
+)
+async def test_lone_request_stays_on_the_engine_thread(inline_max_s, engine_seconds, inline_when):
+    model = ThreadRecorder(seconds=engine_seconds)
+    batcher = MicroBatcher(
+        model, max_batch_size=8, inline_max_s=inline_max_s, inline_when=inline_when
+    )
+    for value in (1, 2, 3):
+        assert (await batcher.run(item(value), later())).outputs.tolist() == [[value * 2.0]]
+    assert threading.get_ident() not in {thread for thread, _ in model.calls}
+
+
+async def test_failed_inline_run_answers_the_request_and_the_batcher_goes_on():
+    model = ThreadRecorder()
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    await batcher.run(item(0), later())
+    model.fail = True
+    with pytest.raises(RuntimeError, match="engine failed"):
+        await batcher.run(item(1), later())
+    assert model.calls[-1][0] == threading.get_ident()
+    model.fail = False
+    assert (await batcher.run(item(2), later())).outputs.tolist() == [[4.0]]
+    await batcher.drain()
+
+
+async def test_inline_run_skips_a_client_that_went():
+    model = ThreadRecorder()
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    await batcher.run(item(0), later())
+    gone = batcher.submit(item(9), later(), client_gone=lambda: True)
+    with pytest.raises(ClientGone):
+        await batcher.wait(gone)
+    assert [values for _, values in model.calls] == [[0.0]]

@@ -68,7 +68,7 @@ async def classify(service: ModelService, scope: Scope, receive: Receive, send: 
     headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
     request_id = (headers.get(b"x-request-id") or new_request_id())[:128]
     status = 200
-    metrics.in_flight.inc()
+    service.request_started()
     try:
         top_k = parse_top_k(scope["query_string"], service.num_classes)
         data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
@@ -120,7 +120,7 @@ async def classify(service: ModelService, scope: Scope, receive: Receive, send: 
             await respond(send, 500, error_body("internal", "internal error"), request_id, [])
     finally:
         elapsed = time.perf_counter() - started
-        metrics.in_flight.dec()
+        service.request_finished()
         metrics.request_answered(ROUTE, status, elapsed)
         if service.settings.access_log:
             log.info(

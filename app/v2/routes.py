@@ -199,7 +199,7 @@ async def answer_infer(
     metrics = service.metrics
     model = served_model(service)
     status, addressed = 200, False
-    metrics.in_flight.inc()
+    service.request_started()
     try:
         model.check(model_name, model_version)
         addressed = True
@@ -226,7 +226,7 @@ async def answer_infer(
         return error_response(V2Error(500, "internal error"))
     finally:
         elapsed = time.perf_counter() - started
-        metrics.in_flight.dec()
+        service.request_finished()
         metrics.request_answered(INFER_ROUTE, status, elapsed)
         if addressed and status != 200:
             model.stats.record_failure(elapsed)
