@@ -286,7 +286,7 @@ class ThreadRecorder:
 
 async def test_lone_request_runs_on_the_loop_once_a_batch_of_one_is_known_to_be_quick():
     model = ThreadRecorder()
-    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=1.0)
     first = await batcher.run(item(1), later())  # measured on the engine thread
     second = await batcher.run(item(2), later())
     assert (first.outputs.tolist(), second.outputs.tolist()) == ([[2.0]], [[4.0]])
@@ -296,7 +296,7 @@ async def test_lone_request_runs_on_the_loop_once_a_batch_of_one_is_known_to_be_
 
 async def test_requests_arriving_together_are_batched_on_the_engine_thread_not_run_inline():
     model = ThreadRecorder()
-    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=1.0)
     await batcher.run(item(0), later())
     # submitted in one pass of the loop: the inline decision waits for the end of it
     pending = [batcher.submit(item(v), later()) for v in (1, 2, 3)]
@@ -311,7 +311,7 @@ async def test_requests_arriving_together_are_batched_on_the_engine_thread_not_r
     [
         (0.0, 0.0, None),  # off
         (0.005, 0.02, None),  # a batch of one is too slow to hold the loop for
-        (0.05, 0.0, lambda: False),  # the service says others are in progress
+        (1.0, 0.0, lambda: False),  # the service says others are in progress
     ],
 )
 async def test_lone_request_stays_on_the_engine_thread(inline_max_s, engine_seconds, inline_when):
@@ -326,7 +326,7 @@ async def test_lone_request_stays_on_the_engine_thread(inline_max_s, engine_seco
 
 async def test_failed_inline_run_answers_the_request_and_the_batcher_goes_on():
     model = ThreadRecorder()
-    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=1.0)
     await batcher.run(item(0), later())
     model.fail = True
     with pytest.raises(RuntimeError, match="engine failed"):
@@ -339,7 +339,7 @@ async def test_failed_inline_run_answers_the_request_and_the_batcher_goes_on():
 
 async def test_inline_run_skips_a_client_that_went():
     model = ThreadRecorder()
-    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=0.05)
+    batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=1.0)
     await batcher.run(item(0), later())
     gone = batcher.submit(item(9), later(), client_gone=lambda: True)
     with pytest.raises(ClientGone):
