@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from app.asgi import check_length, read_body, send_response
 from app.batching import ClientGone
 from app.disconnect import disconnect_probe, wait_all
 from app.errors import (
@@ -155,9 +156,7 @@ async def read_image(scope: Scope, receive: Receive, headers: dict, limit: int) 
     media_type = (
         headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower().decode("latin-1")
     )
-    length = headers.get(b"content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"body is {int(length)} bytes; the limit is {limit}")
+    check_length(headers, limit)
     if media_type in RAW_MEDIA_TYPES:
         return await read_body(receive, limit)
     if media_type == MULTIPART:
@@ -166,22 +165,6 @@ async def read_image(scope: Scope, receive: Receive, headers: dict, limit: int) 
         f"Content-Type {media_type!r} is not accepted: send image/jpeg, image/png, image/webp, "
         "image/bmp, image/gif, application/octet-stream, or multipart/form-data with a 'file' field"
     )
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def limited(receive: Receive, limit: int) -> Receive:
@@ -221,19 +204,9 @@ async def read_multipart_file(scope: Scope, receive: Receive) -> bytes:
 async def respond(
     send: Send, status: int, body: bytes, request_id: bytes, extra: list[tuple[bytes, bytes]]
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id),
-                *extra,
-            ],
-        }
+    await send_response(
+        send, status, body, b"application/json", [(b"x-request-id", request_id), *extra]
     )
-    await send({"type": "http.response.body", "body": body})
 
 
 class ClassifyRoute:

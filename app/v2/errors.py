@@ -22,6 +22,9 @@ class V2Error(Exception):
         return cls(status, prefix + exc.message, exc.headers)
 
 
+def error_body(exc: V2Error) -> bytes:
+    return orjson.dumps({"error": exc.message})
+
+
 def error_response(exc: V2Error) -> Response:
-    body = orjson.dumps({"error": exc.message})
-    return Response(body, exc.status, exc.headers, media_type="application/json")
+    return Response(error_body(exc), exc.status, exc.headers, media_type="application/json")

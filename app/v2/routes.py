@@ -10,16 +10,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
+from app.asgi import check_length, read_body, send_response
 from app.batching import ClientGone
 from app.errors import BlinkError, NotReady, Overloaded
 from app.service import ModelService
 from app.v2.codec import compress, decompress
-from app.v2.errors import V2Error, error_response
+from app.v2.errors import V2Error, error_body, error_response
 from app.v2.infer import Answer, infer
 from app.v2.model import ServedModel, served_model
 from app.v2.schemas import (
@@ -36,6 +36,8 @@ log = logging.getLogger("blink.v2")
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
 INFER_ROUTE = "/v2/models/{name}/infer"  # one label for the request metrics, whatever the name
 REJECTION_REASONS = {Overloaded: "queue_full", NotReady: "not_ready"}  # the batcher counts expiry
+CLIENT_GONE = 499  # nginx's "client closed request": counted, never sent
+JSON, OCTET_STREAM = b"application/json", b"application/octet-stream"
 
 
 class V2Route(APIRoute):
@@ -175,7 +177,15 @@ INFER_DOC: dict[str, Any] = {
 @router.post("/models/{model_name}/infer", **INFER_DOC)
 @router.post("/models/{model_name}/versions/{model_version}/infer", **INFER_DOC)
 async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
-    return await answer_infer(request.app.state.service, request, model_name, model_version)
+    # Reached only where BlinkApp does not route the request first (e.g. mounted under a path).
+    service = request.app.state.service
+    headers = dict(request.scope["headers"])
+    status, content_type, body, extra = await answer_infer(
+        service, headers, request.receive, model_name, model_version
+    )
+    response = Response(body, status, media_type=content_type.decode())
+    response.raw_headers.extend(extra)
+    return response
 
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -187,14 +197,23 @@ async def infer_asgi(service: ModelService, scope: Scope, receive: Receive, send
     if match is None:
         return False
     name, version = match.groups()
-    response = await answer_infer(service, Request(scope, receive), name, version or "")
-    await response(scope, receive, send)
+    headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
+    status, content_type, body, extra = await answer_infer(
+        service, headers, receive, name, version or ""
+    )
+    if status != CLIENT_GONE:  # nobody is there to read an answer
+        await send_response(send, status, body, content_type, extra)
     return True
 
 
 async def answer_infer(
-    service: ModelService, request: Request, model_name: str, model_version: str
-) -> Response:
+    service: ModelService,
+    headers: dict[bytes, bytes],
+    receive: Receive,
+    model_name: str,
+    model_version: str,
+) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
+    """Status, content type, body and extra headers of one infer request."""
     arrival, started = time.monotonic(), time.perf_counter()
     metrics = service.metrics
     model = served_model(service)
@@ -203,27 +222,27 @@ async def answer_infer(
     try:
         model.check(model_name, model_version)
         addressed = True
-        answer = await run(request, service, model, arrival)
-        response = respond(answer, request.headers.get("accept-encoding"))
+        answer = await run(headers, receive, service, model, arrival)
+        response = respond(answer, headers.get(b"accept-encoding"))
         model.stats.record_success(
             answer.images, time.perf_counter() - started, answer.times, answer.results
         )
         return response
     except ClientGone:
-        status = 499  # nginx's "client closed request": nobody reads this answer
+        status = CLIENT_GONE
         metrics.rejections.labels("disconnected").inc()
-        return Response(status_code=status)
+        return status, JSON, b"", []
     except (V2Error, BlinkError) as exc:
         reason = REJECTION_REASONS.get(type(exc))
         if reason is not None:
             metrics.rejections.labels(reason).inc()
         error = exc if isinstance(exc, V2Error) else V2Error.from_blink(exc)
         status = error.status
-        return error_response(error)
+        return error_parts(error)
     except Exception:  # a bug, not the client's doing: answer 500 and keep serving
         status = 500
         log.exception("v2 infer failed")
-        return error_response(V2Error(500, "internal error"))
+        return error_parts(V2Error(500, "internal error"))
     finally:
         elapsed = time.perf_counter() - started
         service.request_finished()
@@ -232,44 +251,44 @@ async def answer_infer(
             model.stats.record_failure(elapsed)
 
 
-async def run(request: Request, service: ModelService, model: ServedModel, arrival: float):
-    headers = request.headers
+async def run(
+    headers: dict[bytes, bytes],
+    receive: Receive,
+    service: ModelService,
+    model: ServedModel,
+    arrival: float,
+) -> Answer:
     limit = service.settings.max_body_bytes
-    body = decompress(await read_body(request, limit), headers.get("content-encoding", ""), limit)
-    header_length = headers.get("inference-header-content-length")
+    check_length(headers, limit)
+    encoding = headers.get(b"content-encoding", b"").decode("latin-1")
+    body = decompress(await read_body(receive, limit), encoding, limit)
+    header_length = headers.get(b"inference-header-content-length")
     if header_length is not None and not header_length.strip().isdigit():
-        raise V2Error(400, f"Inference-Header-Content-Length {header_length!r} is not a number")
+        raise V2Error(
+            400,
+            f"Inference-Header-Content-Length {header_length.decode('latin-1')!r} is not a number",
+        )
     length = None if header_length is None else int(header_length)
-    return await infer(service, model, body, length, arrival, request.receive)
+    return await infer(service, model, body, length, arrival, receive)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise V2Error(413, f"body is {int(length)} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise V2Error(413, f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect as exc:
-        raise ClientGone() from exc
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def respond(answer: Answer, accept_encoding: str | None) -> Response:
-    body, headers = answer.body, {}
+def respond(
+    answer: Answer, accept_encoding: bytes | None
+) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
+    body, headers = answer.body, []
     if answer.header_length is not None:
-        headers["inference-header-content-length"] = str(answer.header_length)
+        headers.append((b"inference-header-content-length", b"%d" % answer.header_length))
     if accept_encoding:
-        body, encoding = compress(body, accept_encoding)
+        body, encoding = compress(body, accept_encoding.decode("latin-1"))
         if encoding is not None:
-            headers["content-encoding"] = encoding
+            headers.append((b"content-encoding", encoding.encode()))
     binary = answer.header_length is not None
-    media_type = "application/octet-stream" if binary else "application/json"
-    return Response(body, 200, headers, media_type=media_type)
+    return 200, OCTET_STREAM if binary else JSON, body, headers
+
+
+def error_parts(exc: V2Error) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
+    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+    return exc.status, JSON, error_body(exc), extra
 
 
 @router.api_route(
