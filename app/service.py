@@ -15,7 +15,7 @@ from app.batching import BatchResult, GoneProbe, MicroBatcher
 from app.bundle import Bundle, load_bundle
 from app.engine import Engine
 from app.errors import NotReady
-from app.metrics import ServiceMetrics
+from app.metrics import ServiceMetrics, ready_workers
 from app.postprocess import top_k
 from app.preprocess import Preprocessor
 from app.settings import Settings, usable_cores
@@ -71,6 +71,18 @@ class ModelService:
         metrics.model_info.labels(
             manifest.name, manifest.version, self.engine.variant, self.engine.provider
         ).set(1)
+
+    def not_ready_reason(self) -> str | None:
+        """Why requests cannot be served yet; None once they can (in every worker)."""
+        if self.warm_up_error is not None:
+            return f"warm-up failed: {self.warm_up_error}"
+        if not self.ready:
+            return "model is warming up"
+        # With several workers, any of them may answer a probe: ready means all of them are.
+        workers = self.settings.workers
+        if self.metrics.multiprocess and workers > 1 and (warm := ready_workers()) < workers:
+            return f"{warm} of {workers} workers have warmed up"
+        return None
 
     def request_started(self) -> None:
         self.active_requests += 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -17,9 +19,11 @@ import onnxruntime as ort
 import pytest
 
 from app.bundle import load_bundle
-from app.metrics import ready_workers
+from app.metrics import ServiceMetrics, ready_workers
 from app.postprocess import top_k
 from app.preprocess import Preprocessor
+from app.service import ModelService
+from app.settings import Settings
 from loadtest.processes import stop_process
 from tests.conftest import live_server
 from tests.images import png
@@ -155,32 +159,60 @@ def test_two_workers_share_one_set_of_metrics(bundle_dir, tmp_path):
     assert value(samples, "blink_batch_size_sum") == 40
 
 
-def test_readiness_counts_live_warmed_workers(tmp_path, monkeypatch):
-    """Each worker warms up alone; a killed one's files must not count for its cold successor."""
-    script = (
-        "import sys, time\n"
-        "from app.metrics import ServiceMetrics\n"
-        "ServiceMetrics().ready.set(int(sys.argv[1]))\n"
-        "print('set', flush=True)\n"
-        "time.sleep(120)\n"
-    )
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+FAKE_WORKER = """
+import sys, time
+from app.metrics import ServiceMetrics
+ServiceMetrics().ready.set(int(sys.argv[1]))
+print("set", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def fake_workers(directory, *ready: str) -> Iterator[list[subprocess.Popen]]:
+    """Processes that publish `blink_ready` in a multiprocess directory, as workers do."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     workers = [
-        subprocess.Popen([sys.executable, "-c", script, ready], env=env, stdout=subprocess.PIPE)
-        for ready in ("1", "1", "0")
+        subprocess.Popen([sys.executable, "-c", FAKE_WORKER, r], env=env, stdout=subprocess.PIPE)
+        for r in ready
     ]
     try:
         for worker in workers:
             assert worker.stdout.readline() == b"set\n"
+        yield workers
+    finally:
+        for worker in workers:
+            stop_process(worker)
+
+
+def test_readiness_counts_live_warmed_workers(tmp_path, monkeypatch):
+    """Each worker warms up alone; a killed one's files must not count for its cold successor."""
+    with fake_workers(tmp_path, "1", "1", "0") as workers:
         monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
         assert ready_workers() == 2
         workers[0].kill()  # no clean exit: its files stay behind
         workers[0].wait()
         assert len(list(tmp_path.glob("gauge_livemin_*.db"))) == 3
         assert ready_workers() == 1
+
+
+async def test_warm_worker_is_not_ready_until_every_worker_is(bundle_dir, tmp_path, monkeypatch):
+    """/readyz and V2's ready routes ask the service, which counts the other workers.
+
+    prometheus_client chose in-memory values when this process imported it, so this service's
+    own gauge is not in the directory: the fake workers stand for every worker.
+    """
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    service = ModelService(Settings(model=bundle_dir, threads=1, workers=3), ServiceMetrics())
+    try:
+        await service.warm_up()
+        assert service.ready
+        with fake_workers(tmp_path, "1", "0"):
+            assert service.not_ready_reason() == "1 of 3 workers have warmed up"
+        with fake_workers(tmp_path, "1", "1", "1"):
+            assert service.not_ready_reason() is None
     finally:
-        for worker in workers:
-            stop_process(worker)
+        await service.close()
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) absent")

@@ -90,10 +90,10 @@ async def server_ready(request: Request) -> dict:
 
 
 def check_ready(service: ModelService) -> None:
-    if service.warm_up_error is not None:
-        raise V2Error(503, f"warm-up failed: {service.warm_up_error}")
-    if not service.ready:
-        raise V2Error(503, "model is warming up", {"retry-after": "1"})
+    reason = service.not_ready_reason()
+    if reason is not None:  # a failed warm-up will not pass by retrying
+        retry = {} if service.warm_up_error is not None else {"retry-after": "1"}
+        raise V2Error(503, reason, retry)
 
 
 @router.get("/models/stats", summary="Statistics of every model (statistics extension)")
