@@ -211,6 +211,7 @@ def quantization_aware(state, model, splits, mean, std):
         lr=args.lr / 20,
         seed=args.seed,
         warmup=0.1,
+        precision="fp32",  # fake quantization rounds to int8 steps that bf16 cannot resolve
     )
     prepared, history = training.train(prepared, *splits, mean, std, cfg, desc="qat")
     state.histories["qat"] = [asdict(h) for h in history]
@@ -239,6 +240,8 @@ def evaluate_variants(
 
 
 def make_manifest(state, dataset, spec, directory, variants, name, version, metrics) -> Manifest:
+    from models.train import training_precision
+
     args = state.args
     return Manifest(
         name=name,
@@ -276,6 +279,7 @@ def make_manifest(state, dataset, spec, directory, variants, name, version, metr
                 "lr": args.lr,
                 "erase": args.erase,
                 "val_split": args.val_split,
+                "precision": training_precision(args.precision),
             },
             "libraries": library_versions(),
             "stages_seconds": {s.name: round(s.seconds, 2) for s in state.stages},

@@ -126,7 +126,8 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         f" {dataset.color}, {len(manifest.labels)} classes (sha256 "
         f"`{provenance['dataset']['sha256'][:16]}...`).",
         f"Network: {provenance.get('params', '?')} parameters, width {state.args.width}, "
-        f"depth {state.args.depth}; {state.args.epochs} epochs, seed {state.args.seed}.",
+        f"depth {state.args.depth}; {state.args.epochs} epochs in "
+        f"{provenance['training']['precision']}, seed {state.args.seed}.",
         "",
         f"Accuracy gate: **{'passed' if gate.get('passed') else 'FAILED'}** "
         f"(int8 at most {gate.get('max_int8_drop_points')} points below fp32; every variant at "

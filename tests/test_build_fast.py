@@ -11,7 +11,7 @@ import pytest
 
 from app.bundle import load_bundle, sha256_of, verify_variant
 from app.settings import Settings
-from models import data
+from models import data, train
 from models.build import main as build_main
 from tests.conftest import running_app
 from tests.test_build_data import write_image_folder
@@ -77,6 +77,8 @@ def test_manifest_has_every_contract_field(built: Path) -> None:
     assert {"onnx", "onnxruntime"} <= set(provenance["libraries"])
     assert provenance["gate"]["passed"] is True
     assert provenance["parity_max_abs_logit_diff"] < 1e-3
+    expected = "bf16" if train.native_bf16() else "fp32"  # what "auto" means on a CPU
+    assert provenance["training"]["precision"] == expected
 
 
 def test_manifest_on_disk_is_what_the_loader_reads(built: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from app.bundle import load_bundle
 from models import data
+from models.build import DEFAULT_EPOCHS
 from models.build import main as build_main
 from tests.conftest import live_server
 
@@ -39,18 +40,24 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_default_build_meets_its_targets(default_build: Path) -> None:
     manifest = load_bundle(default_build).manifest
+    provenance = manifest.provenance
     fp32, int8 = manifest.metrics["fp32"], manifest.metrics["int8"]
     speedup = int8["batch32_images_per_s"] / fp32["batch32_images_per_s"]
     print(
         f"\ndefault build: fp32 {fp32['accuracy']:.4f}, int8 {int8['accuracy']:.4f}, "
-        f"params {manifest.provenance['params']}, int8 speed-up at batch 32 {speedup:.2f}x, "
-        f"stages {manifest.provenance['stages_seconds']}"
+        f"params {provenance['params']}, int8 speed-up at batch 32 {speedup:.2f}x, "
+        f"{provenance['epochs']} epochs in {provenance['training']['precision']}, "
+        f"stages {provenance['stages_seconds']}"
     )
-    # The goal is 94.0% (see the README's build section for what was tried); this floor is what
-    # the default build reaches with its seed, with room for run-to-run noise in CPU kernels.
-    assert int8["accuracy"] >= 0.92  # measured 92.92%
+    # The default schedule follows the training arithmetic (models/build.py: DEFAULT_EPOCHS).
+    mixed = provenance["training"]["precision"] != "fp32"
+    assert provenance["epochs"] == DEFAULT_EPOCHS["mixed" if mixed else "fp32"]
+    # The goal is 94.0%. In mixed precision the default build reaches it (94.05% with bf16 on an
+    # AVX-512 BF16 CPU); the 6 fp32 epochs that fit 10 minutes elsewhere reach 92.8-92.9%. Same
+    # seed, same machine: the same weights; these floors leave room for other CPUs' kernels.
+    assert int8["accuracy"] >= (0.939 if mixed else 0.92)
     assert (fp32["accuracy"] - int8["accuracy"]) * 100 <= 0.3 + 1e-9
-    assert manifest.provenance["params"] < 1_000_000
+    assert provenance["params"] < 1_000_000
     assert set(manifest.variants) == {"fp32", "int8", "fp16"}
 
 

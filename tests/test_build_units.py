@@ -174,3 +174,30 @@ def test_checkpoint_round_trip(trained_like: net.Net, tmp_path: Path) -> None:
     assert loaded.config == pruned.config
     x = images(2)
     torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_training_precision_follows_the_option_and_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert train.autocast_dtype("fp32", cpu) is None
+    assert train.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert train.autocast_dtype("fp32", torch.device("cuda")) is None
+    assert train.autocast_dtype("bf16", torch.device("cuda")) is torch.bfloat16
+    assert train.autocast_dtype("auto", torch.device("cuda")) is torch.float16
+    native = train.autocast_dtype("auto", cpu)
+    assert native is (torch.bfloat16 if train.native_bf16() else None)
+
+
+def test_bf16_training_learns() -> None:
+    """bf16 autocast steps run on any CPU (emulated where not native) and reduce the loss."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 512).astype(np.int64)
+    images = np.zeros((512, 28, 28, 1), np.uint8)
+    for i, label in enumerate(labels):  # a bright bar whose row is the class: easy to learn
+        images[i, 2 + 2 * label : 4 + 2 * label] = 255
+    config = train.TrainConfig(epochs=3, batch_size=64, precision="bf16", quiet=True)
+    model = net.Net(net.NetConfig(width=4))
+    _, history = train.train(
+        model, (images, labels), (images[:128], labels[:128]), [0.1], [0.3], config
+    )
+    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].val_accuracy > 0.5
