@@ -148,3 +148,18 @@ def test_teacher_checkpoint_must_fit_the_dataset(
     argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "pets"), "--out", str(tmp_path)]
     assert build_main([*argv, "--teacher", str(teacher)]) == 2
     assert "was trained for [1, 10, 28, 28]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("precision", "epochs"), [("fp32", 6), ("bf16", 18)])
+def test_default_epochs_follow_the_training_arithmetic(
+    precision: str, epochs: int, tmp_path: Path
+) -> None:
+    """Without --epochs, mixed precision trains 18 epochs and fp32 6 (both fit ~10 minutes)."""
+    argv = ["--limit", "300", "--width", "4", "--calibration-images", "16", "--no-fp16"]
+    argv += ["--precision", precision, "--max-int8-drop", "100", "--out", str(tmp_path)]
+    assert build_main(argv) == 0
+    manifest = load_bundle(tmp_path / "fashion-mnist").manifest
+    assert manifest.provenance["epochs"] == epochs
+    assert manifest.provenance["training"]["precision"] == precision
+    report = next((tmp_path / "fashion-mnist").glob("2*/report.md")).read_text()
+    assert f"{epochs} epochs in {precision}" in report
