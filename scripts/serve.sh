@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ ! -e models/repository/fashion-mnist/latest ]; then
-  echo "No model bundle yet: building the default Fashion-MNIST model (a few minutes)..."
+  echo "No model bundle yet: building the default Fashion-MNIST model (about 10 minutes on two cores)..."
   blink build
 fi
 exec blink serve "$@"
