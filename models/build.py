@@ -149,7 +149,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
     if (args.out / state.name / state.version).exists():
         raise BuildError(f"{args.out / state.name / state.version} already exists; pass --version")
     training.setup_torch(args.seed, args.threads)
-    precision = training.training_precision(args.precision)
+    state.training_precision = precision = training.training_precision(args.precision)
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS["fp32" if precision == "fp32" else "mixed"]
     log(f"training: {args.epochs} epochs, {precision} arithmetic")

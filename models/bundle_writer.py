@@ -240,8 +240,6 @@ def evaluate_variants(
 
 
 def make_manifest(state, dataset, spec, directory, variants, name, version, metrics) -> Manifest:
-    from models.train import training_precision
-
     args = state.args
     return Manifest(
         name=name,
@@ -279,7 +277,7 @@ def make_manifest(state, dataset, spec, directory, variants, name, version, metr
                 "lr": args.lr,
                 "erase": args.erase,
                 "val_split": args.val_split,
-                "precision": training_precision(args.precision),
+                "precision": state.training_precision,
             },
             "libraries": library_versions(),
             "stages_seconds": {s.name: round(s.seconds, 2) for s in state.stages},

@@ -40,6 +40,7 @@ class BuildState:
     argv: list[str]
     name: str = ""
     version: str = ""
+    training_precision: str = "fp32"  # what --precision resolved to: fp32, bf16 or fp16
     started: float = field(default_factory=time.perf_counter)
     stages: list[Stage] = field(default_factory=list)
     histories: dict[str, list] = field(default_factory=dict)
