@@ -62,7 +62,6 @@ def batch_take(sizes: Sequence[int], max_batch_size: int) -> int:
 class BatchObserver(Protocol):
     def batch_started(self, size: int, queue_waits_s: list[float]) -> None: ...
     def batch_finished(self, size: int, inference_s: float) -> None: ...
-    def queue_changed(self, depth: int) -> None: ...
     def request_expired(self) -> None: ...
 
 
@@ -98,6 +97,7 @@ class MicroBatcher:
         queue_capacity: int = 1024,
         engine_slots: int = 1,
         observer: BatchObserver | None = None,
+        on_depth: Callable[[int], object] | None = None,
         inline_max_s: float = 0.0,
         inline_when: Callable[[], bool] | None = None,
     ) -> None:
@@ -110,6 +110,7 @@ class MicroBatcher:
         self._free_slots = engine_slots
         self._executor = ThreadPoolExecutor(engine_slots, thread_name_prefix="blink-engine")
         self._observer = observer
+        self._on_depth = on_depth  # told the queue depth on every change
         self._delay_timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Future] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -195,7 +196,9 @@ class MicroBatcher:
         self._forget(pending)
 
     def _maybe_dispatch(self) -> None:
-        if self._inline_check is not None:  # it dispatches what is queued at the end of the pass
+        # An inline check pending dispatches what is queued at the end of the pass; with every
+        # slot busy, the next finishing batch dispatches.
+        if self._inline_check is not None or not self._free_slots:
             return
         while self._queue:
             now = time.monotonic()
@@ -266,23 +269,26 @@ class MicroBatcher:
 
     def _batch_started(self, batch: list[_Pending], now: float) -> None:
         if self._observer is not None:
-            size = sum(len(p.inputs) for p in batch)
+            size = sum([len(p.inputs) for p in batch])
             self._observer.batch_started(size, [now - p.enqueued_at for p in batch])
-            self._notify_depth()
+        self._notify_depth()
 
     def _take(self) -> list[_Pending]:
         """Pop the head-of-queue requests that fit in one batch; drop those whose client went."""
-        gone = [p for p in islice(self._queue, self.max_batch_size) if _client_gone(p)]
-        for pending in gone:  # rare: O(n) removal each
-            self.cancel(pending, ClientGone())
-        head = islice(self._queue, self.max_batch_size)
-        batch = [
-            self._queue.popleft()
-            for _ in range(batch_take([len(p.inputs) for p in head], self.max_batch_size))
-        ]
+        queue = self._queue
+        head = list(islice(queue, self.max_batch_size))
+        gone = [p for p in head if p.client_gone is not None and p.client_gone()]
+        if gone:  # rare: O(n) removal each
+            for pending in gone:
+                self.cancel(pending, ClientGone())
+            head = list(islice(queue, self.max_batch_size))
+        batch = head[: batch_take([len(p.inputs) for p in head], self.max_batch_size)]
+        items = 0
         for pending in batch:
+            queue.popleft()
             pending.queued = False
-            self._queued_items -= len(pending.inputs)
+            items += len(pending.inputs)
+        self._queued_items -= items
         return batch
 
     def _finish(self, done: asyncio.Future, batch: list[_Pending], dispatched_at: float) -> None:
@@ -306,46 +312,39 @@ class MicroBatcher:
     ) -> None:
         if exc is not None:  # every request of a failed batch gets an answer
             for pending in batch:
-                self._settle(pending, exc=exc)
+                self._settle(pending, None, exc)
         else:
             assert outputs is not None
             if len(outputs) == 1:
                 self._single_s = inference_s
             if self._observer is not None:
                 self._observer.batch_finished(len(outputs), inference_s)
-            start = 0
+            start, size = 0, len(outputs)
             for pending in batch:
                 stop = start + len(pending.inputs)
                 queue_s = dispatched_at - pending.enqueued_at
-                result = BatchResult(outputs[start:stop], queue_s, inference_s, len(outputs))
-                self._settle(pending, result=result)
+                self._settle(pending, BatchResult(outputs[start:stop], queue_s, inference_s, size))
                 start = stop
         self._maybe_dispatch()
 
     def _settle(
-        self,
-        pending: _Pending,
-        *,
-        result: BatchResult | None = None,
-        exc: BaseException | None = None,
+        self, pending: _Pending, result: BatchResult | None, exc: BaseException | None = None
     ) -> None:
-        if pending.timer is not None:
-            pending.timer.cancel()
+        timer = pending.timer
+        if timer is not None:
+            timer.cancel()
             pending.timer = None
-        if pending.future.done():  # expired or cancelled while running: its answer is discarded
+        future = pending.future
+        if future.done():  # expired or cancelled while running: its answer is discarded
             return
         if exc is None:
-            pending.future.set_result(result)  # type: ignore[arg-type]
+            future.set_result(result)
         else:
-            pending.future.set_exception(exc)
+            future.set_exception(exc)
 
     def _notify_depth(self) -> None:
-        if self._observer is not None:
-            self._observer.queue_changed(self._queued_items)
-
-
-def _client_gone(pending: _Pending) -> bool:
-    return pending.client_gone is not None and pending.client_gone()
+        if self._on_depth is not None:
+            self._on_depth(self._queued_items)
 
 
 def _timed_call(run_batch: BatchFn, inputs: np.ndarray) -> tuple[np.ndarray, float]:

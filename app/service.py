@@ -7,16 +7,14 @@ import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
-from app.batching import BatchResult, GoneProbe, MicroBatcher
+from app.batching import GoneProbe, MicroBatcher
 from app.bundle import Bundle, load_bundle
 from app.engine import Engine
 from app.errors import NotReady
 from app.metrics import ServiceMetrics, ready_workers
-from app.postprocess import top_k
 from app.preprocess import Preprocessor
 from app.settings import Settings, usable_cores
 
@@ -24,15 +22,6 @@ log = logging.getLogger("blink.service")
 
 # Below this many source pixels, decoding costs less than a hop to the thread pool and back.
 INLINE_DECODE_PIXELS = 128 * 128
-
-
-@dataclass(slots=True)
-class Prediction:
-    predictions: list[dict]
-    decode_s: float
-    queue_s: float
-    inference_s: float
-    batch_size: int
 
 
 class ModelService:
@@ -49,6 +38,15 @@ class ModelService:
             max_batch_size=settings.max_batch_size,
         )
         self.labels = manifest.labels
+        # What every answer says of the model, built once.
+        self.model_fields = {
+            "name": manifest.name,
+            "version": manifest.version,
+            "variant": self.engine.variant,
+        }
+        self.active_requests = 0
+        live_gauges = metrics.watch(lambda: self.batcher.queue_depth, lambda: self.active_requests)
+        self._count_in_flight = not live_gauges  # multiprocess: every change is written
         self.preprocessor = Preprocessor(manifest.input, settings.max_image_pixels)
         self.batcher = MicroBatcher(
             self.engine.run,
@@ -57,13 +55,13 @@ class ModelService:
             queue_capacity=settings.queue_capacity,
             engine_slots=settings.engine_slots,
             observer=metrics,
+            on_depth=None if live_gauges else metrics.queue_depth.set,
             inline_max_s=settings.inline_max_ms / 1000,
             # Under load the loop is needed for reading and decoding: keep inference off it.
             inline_when=lambda: self.active_requests <= 1,
         )
         pool_size = settings.decode_threads or usable_cores()
         self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")
-        self.active_requests = 0
         self.ready = False
         self.warm_up_error: str | None = None
         metrics.engine_slots.set(settings.engine_slots)
@@ -86,11 +84,13 @@ class ModelService:
 
     def request_started(self) -> None:
         self.active_requests += 1
-        self.metrics.in_flight.inc()
+        if self._count_in_flight:
+            self.metrics.in_flight.inc()
 
     def request_finished(self) -> None:
         self.active_requests -= 1
-        self.metrics.in_flight.dec()
+        if self._count_in_flight:
+            self.metrics.in_flight.dec()
 
     @property
     def num_classes(self) -> int:
@@ -130,15 +130,6 @@ class ModelService:
         if not self.ready:
             raise NotReady("model is warming up")
         return self.batcher.submit(tensor, deadline, client_gone)
-
-    def predictions(self, result: BatchResult, k: int, decode_s: float) -> Prediction:
-        return Prediction(
-            top_k(result.outputs[0], k, self.labels),
-            decode_s,
-            result.queue_s,
-            result.inference_s,
-            result.batch_size,
-        )
 
     async def close(self) -> None:
         await self.batcher.drain()

@@ -159,6 +159,31 @@ def test_two_workers_share_one_set_of_metrics(bundle_dir, tmp_path):
     assert value(samples, "blink_batch_size_sum") == 40
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_queue_and_in_flight_gauges_read_live(slow_bundle_dir, tmp_path, workers):
+    """One worker reads them at scrape time, several write each change: both show the load."""
+    env = {"TMPDIR": str(tmp_path)}
+    with live_server(slow_bundle_dir, workers=workers, max_batch_size=1, threads=1, env=env) as url:
+
+        async def scenario() -> tuple[float, float]:
+            posts = asyncio.ensure_future(post_all(url, [png(i) for i in range(12)]))
+            depth = in_flight = 0.0
+            while not posts.done():
+                samples = await asyncio.to_thread(scrape, url)
+                depth = max(depth, value(samples, "blink_queue_depth"))
+                in_flight = max(in_flight, value(samples, "blink_requests_in_flight"))
+                await asyncio.sleep(0.01)
+            assert [r.status_code for r in posts.result()] == [200] * 12
+            return depth, in_flight
+
+        depth, in_flight = asyncio.run(scenario())
+        idle = scrape(url)
+    # one image a batch, tens of ms each: most of the twelve wait while one runs
+    assert depth >= 2 and in_flight >= 3, (depth, in_flight)
+    assert value(idle, "blink_queue_depth") == 0
+    assert value(idle, "blink_requests_in_flight") == 0
+
+
 FAKE_WORKER = """
 import sys, time
 from app.metrics import ServiceMetrics

@@ -33,6 +33,7 @@ from app.errors import (
     UnsupportedMediaType,
     error_body,
 )
+from app.postprocess import top_k
 from app.service import ModelService
 
 log = logging.getLogger("blink.classify")
@@ -52,6 +53,7 @@ RAW_MEDIA_TYPES = frozenset(
         "",  # no Content-Type: sniff the bytes
     }
 )
+RAW_CONTENT_TYPES = frozenset(t.encode() for t in RAW_MEDIA_TYPES)
 MULTIPART = "multipart/form-data"
 REQUEST_ID_PREFIX = os.urandom(4).hex().encode()
 REQUEST_COUNTER = itertools.count()
@@ -71,31 +73,26 @@ async def classify(service: ModelService, scope: Scope, receive: Receive, send: 
     status = 200
     service.request_started()
     try:
-        top_k = parse_top_k(scope["query_string"], service.num_classes)
+        k = parse_top_k(scope["query_string"], service.num_classes)
         data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
         deadline = time.monotonic() + service.settings.request_timeout_ms / 1000
         tensor, decode_s = await service.preprocess(data)
         probe = disconnect_probe(receive)
         pending = service.submit(tensor, deadline, probe)
         (result,) = await wait_all(service.batcher, [pending], receive, probe)
-        prediction = service.predictions(result, top_k, decode_s)
-        manifest = service.bundle.manifest
         body = orjson.dumps(
             {
-                "model": {
-                    "name": manifest.name,
-                    "version": manifest.version,
-                    "variant": service.engine.variant,
-                },
-                "predictions": prediction.predictions,
+                "model": service.model_fields,
+                "predictions": top_k(result.outputs[0], k, service.labels),
             }
         )
-        total_ms = (time.perf_counter() - started) * 1000
-        timing = (
-            f"decode;dur={decode_s * 1000:.3f}, queue;dur={prediction.queue_s * 1000:.3f}, "
-            f"inference;dur={prediction.inference_s * 1000:.3f}, total;dur={total_ms:.3f}"
+        timing = b"decode;dur=%.3f, queue;dur=%.3f, inference;dur=%.3f, total;dur=%.3f" % (
+            decode_s * 1000,
+            result.queue_s * 1000,
+            result.inference_s * 1000,
+            (time.perf_counter() - started) * 1000,
         )
-        await respond(send, 200, body, request_id, [(b"server-timing", timing.encode())])
+        await respond(send, 200, body, request_id, [(b"server-timing", timing)])
     except ClientGone:
         status = 499  # nginx's convention for "client closed request"; nothing is sent
         metrics.rejections.labels("disconnected").inc()
@@ -153,10 +150,11 @@ def parse_top_k(query_string: bytes, num_classes: int) -> int:
 
 
 async def read_image(scope: Scope, receive: Receive, headers: dict, limit: int) -> bytes:
-    media_type = (
-        headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower().decode("latin-1")
-    )
+    content_type = headers.get(b"content-type", b"")
     check_length(headers, limit)
+    if content_type in RAW_CONTENT_TYPES:  # exactly as listed: no parameters to strip
+        return await read_body(receive, limit)
+    media_type = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
     if media_type in RAW_MEDIA_TYPES:
         return await read_body(receive, limit)
     if media_type == MULTIPART:
