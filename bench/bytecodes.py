@@ -113,10 +113,11 @@ async def minimal_counts(model: Path, bodies: list[bytes], requests: int) -> Cou
 
 
 def report(service: Counter, minimal: Counter, requests: int, top: int) -> str:
-    total_s, total_m = sum(service.values()) / requests, sum(minimal.values()) / requests
+    total_s = round(sum(service.values()) / requests)
+    total_m = round(sum(minimal.values()) / requests)
     lines = [
-        f"bytecodes per request: service {total_s:.0f}, minimal handler {total_m:.0f}, "
-        f"difference {total_s - total_m:.0f}",
+        f"bytecodes per request: service {total_s}, minimal handler {total_m}, "
+        f"difference {total_s - total_m}",
         "",
         "| service | minimal | difference | function |",
         "|---|---|---|---|",
