@@ -23,15 +23,10 @@ def check_length(headers: dict[bytes, bytes], limit: int) -> None:
 
 async def read_body(receive: Receive, limit: int) -> bytes:
     """The whole body, failing once more than `limit` bytes arrive (chunked uploads too)."""
-    message = await receive()
-    if not message.get("more_body", False) and message["type"] == "http.request":
-        body = message.get("body", b"")  # the usual case: one message holds it all
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        return body
     chunks: list[bytes] = []
     size = 0
     while True:
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()
         chunk = message.get("body", b"")
@@ -40,8 +35,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
-        message = await receive()
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def send_response(

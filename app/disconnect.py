@@ -38,10 +38,7 @@ async def wait_all(
     """
     if probe is None:
         return await _wait_watching(batcher, pendings, receive)
-    if len(pendings) == 1:  # the usual case, one coroutine shorter
-        results = [await batcher.wait(pendings[0])]
-    else:
-        results = await _wait(batcher, pendings)
+    results = await _wait(batcher, pendings)
     if probe():  # it left while its batch ran: nobody reads this answer
         raise ClientGone()
     return results
