@@ -67,9 +67,11 @@ def server(
         stop_process(process)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (robust to a busy machine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process, or of one of its threads, from /proc (robust to a
+    busy machine)."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -104,7 +106,7 @@ def spread(values: list[float]) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    keys = ("rps", "p50_us", "p90_us", "p99_us", "cpu_us")
+    keys = ("rps", "p50_us", "p90_us", "p99_us", "cpu_us", "loop_cpu_us")
     summary = {key: spread([r[key] for r in runs]) for key in keys}
     summary["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
     return summary
@@ -163,9 +165,13 @@ def measure(args: argparse.Namespace, model: Path, pngs: Load, scratch: Path) ->
         for round_ in range(args.repeat):
             for conc in args.concurrency:
                 for name, ((url, pid), load) in loads.items():
-                    before = cpu_seconds(pid)
+                    # the event loop is the main thread (one uvicorn worker): its thread id is
+                    # the pid; the rest is the engine's thread and the decode pool
+                    before, loop_before = cpu_seconds(pid), cpu_seconds(pid, pid)
                     run = wrk(url, load, args.client_cpu, conc, args.seconds)
                     run["cpu_us"] = (cpu_seconds(pid) - before) / run["requests"] * 1e6
+                    loop_s = cpu_seconds(pid, pid) - loop_before
+                    run["loop_cpu_us"] = loop_s / run["requests"] * 1e6
                     results.setdefault(name, {}).setdefault(conc, []).append(run)
                     print(
                         f"round {round_ + 1} c={conc:<3} {name:<22} {run['rps']:8.0f} req/s "
@@ -183,8 +189,9 @@ def report(ceiling: dict, served: dict, args: argparse.Namespace) -> str:
         f"{args.client_cpu}; {args.repeat} interleaved rounds of {args.seconds:g} s; "
         "median [min-max]",
         "",
-        "| concurrency | target | req/s | p50 ms | p90 ms | p99 ms | server CPU us/req | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| concurrency | target | req/s | p50 ms | p90 ms | p99 ms | server CPU us/req "
+        "| of which event loop | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for conc in args.concurrency:
         for name, by_c in served.items():
@@ -196,6 +203,7 @@ def report(ceiling: dict, served: dict, args: argparse.Namespace) -> str:
                 for v in p.values()
             ]
             cells.append(f"{s['cpu_us']['median']:.0f}")
+            cells.append(f"{s['loop_cpu_us']['median']:.0f}")
             lines.append(f"| {conc} | {name} | " + " | ".join(cells) + f" | {s['errors']} |")
     b1, b32 = ceiling["b1"]["median"], ceiling["b32"]["median"]
     top = max(args.concurrency)

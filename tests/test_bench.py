@@ -45,3 +45,6 @@ def test_bench_measures_every_target_without_errors(bundle_dir, tmp_path):
         for concurrency, summary in by_concurrency.items():
             assert summary["errors"] == 0, (name, concurrency)
             assert summary["rps"]["median"] > 0, (name, concurrency)
+            # the event loop's share: a part of the server's CPU, and never nothing
+            loop, total = summary["loop_cpu_us"]["median"], summary["cpu_us"]["median"]
+            assert 0 < loop <= total * 1.1, (name, concurrency, loop, total)
