@@ -140,7 +140,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:  # the benchmark's PNG bodies
         write_bodies(Path(scratch))
         bodies = [p.read_bytes() for p in sorted(Path(scratch).glob("*.bin"))]
-    os.environ.setdefault("BLINK_THREADS", "1")
     # uvloop, as the service runs: asyncio's pure-Python loop would add its own bytecodes
     service = uvloop.run(service_counts(args.model, bodies, args.requests))
     minimal = uvloop.run(minimal_counts(args.model, bodies, args.requests))
