@@ -14,7 +14,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 bundles (before crop_fraction, interpolation, NHWC and probability outputs) read as
+# schema 2 with those fields at their defaults.
+READABLE_SCHEMAS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 LATEST_POINTER = "latest"
 Precision = Literal["fp32", "int8", "fp16"]
@@ -32,10 +35,16 @@ class InputSpec(BaseModel):
     width: int = Field(ge=1)
     channels: Literal[1, 3]
     color: Literal["L", "RGB"]
+    # center_crop: the largest centred region of the model's aspect ratio, shrunk to
+    # crop_fraction of it, resized to height x width. ImageNet's "shorter side to 256, centre
+    # crop 224" is crop_fraction 0.875 (224/256). stretch: the whole image, aspect ignored.
     resize: Literal["stretch", "center_crop"] = "center_crop"
+    crop_fraction: float = Field(1.0, gt=0, le=1)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # Normalised as (pixel / 255 - mean) / std per channel.
     mean: list[float]
     std: list[float]
-    layout: Literal["NCHW"] = "NCHW"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
     dtype: Literal["float32"] = "float32"
 
     @model_validator(mode="after")
@@ -53,7 +62,8 @@ class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "logits"
-    kind: Literal["logits"] = "logits"
+    # probabilities: the model ends in a softmax already, so the service must not apply another.
+    kind: Literal["logits", "probabilities"] = "logits"
 
 
 class VariantFile(BaseModel):
@@ -80,8 +90,10 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self) -> Manifest:
-        if self.schema_ != SCHEMA_VERSION:
-            raise ValueError(f"schema {self.schema_} is not supported (expected {SCHEMA_VERSION})")
+        if self.schema_ not in READABLE_SCHEMAS:
+            raise ValueError(
+                f"schema {self.schema_} is not supported (readable: {list(READABLE_SCHEMAS)})"
+            )
         if "fp32" not in self.variants:
             raise ValueError("variants must include fp32")
         return self

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything Blink needs on a fresh Debian machine (idempotent; root or sudo).
-#   bash scripts/setup.sh            runtime + build + dev + loadtest extras, dataset, tools
+#   bash scripts/setup.sh            runtime + build + pretrained + dev + loadtest extras, dataset, tools
 #   bash scripts/setup.sh --test     also what the container checks need (docker.io, debootstrap)
 #   bash scripts/setup.sh --build    only what the offline build needs: the dataset, torch and the
 #                                    build extra (the Dockerfile's build stage)
@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 APT_PACKAGES=(dataset-fashion-mnist prometheus wrk)
-EXTRAS="build,dev,loadtest"
+EXTRAS="build,pretrained,dev,loadtest"
 case "${1:-}" in
   --test) APT_PACKAGES+=(docker.io debootstrap) ;;
-  --build) APT_PACKAGES=(dataset-fashion-mnist); EXTRAS="build" ;;
+  --build) APT_PACKAGES=(dataset-fashion-mnist); EXTRAS="build,pretrained" ;;
 esac
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -83,7 +83,7 @@ def test_manifest_has_every_contract_field(built: Path) -> None:
 
 def test_manifest_on_disk_is_what_the_loader_reads(built: Path) -> None:
     raw = json.loads((built / "latest" / "manifest.json").read_text())
-    assert raw["schema"] == 1 and "schema_" not in raw
+    assert raw["schema"] == 2 and "schema_" not in raw
 
 
 def test_report_and_plots_are_written(built: Path) -> None:

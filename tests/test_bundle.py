@@ -90,7 +90,7 @@ MANIFEST_CASES: dict[str, tuple[Edit, str]] = {
     "mean-per-channel": (set_input(mean=[0.5, 0.5]), "one value per channel"),
     "unknown-input-key": (set_input(colour="L"), "input.colour: Extra inputs"),
     "bad-size": (set_input(height=0), "input.height"),
-    "schema-2": (edit_manifest(lambda m: m.update(schema=2)), "schema 2 is not supported"),
+    "schema-3": (edit_manifest(lambda m: m.update(schema=3)), "schema 3 is not supported"),
     "no-fp32": (
         edit_manifest(lambda m: m["variants"].update(int8=m["variants"].pop("fp32"))),
         "variants must include fp32",
