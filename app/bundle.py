@@ -57,6 +57,13 @@ class InputSpec(BaseModel):
             raise ValueError("std values must be positive")
         return self
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """One image's tensor shape, batch axis excluded: (C, H, W) or (H, W, C)."""
+        if self.layout == "NHWC":
+            return (self.height, self.width, self.channels)
+        return (self.channels, self.height, self.width)
+
 
 class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")

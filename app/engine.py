@@ -65,7 +65,7 @@ def bucket_for(size: int, buckets: list[int]) -> int:
 
 
 class Engine:
-    """One InferenceSession; `run` maps float32 [N, C, H, W] to logits [N, classes]."""
+    """One InferenceSession; `run` maps float32 [N, C, H, W] (or NHWC) to outputs [N, classes]."""
 
     def __init__(
         self,
@@ -83,7 +83,7 @@ class Engine:
         path = verify_variant(bundle, self.variant)
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name
-        self.input_shape = (manifest.input.channels, manifest.input.height, manifest.input.width)
+        self.input_shape = manifest.input.sample_shape  # (C, H, W), or (H, W, C) for NHWC
         self.max_batch_size = max_batch_size
         # GPUs pad batches to a few sizes so TensorRT profiles and cuDNN plans are reused.
         self.buckets = batch_buckets(max_batch_size) if self.device != "cpu" else None
@@ -129,9 +129,8 @@ class Engine:
         return options
 
     def _providers(self, cache_dir: Path) -> list:
-        c, h, w = self.input_shape
         if self.device == "tensorrt":
-            shape = f"{self.input_name}:{{}}x{c}x{h}x{w}"
+            shape = f"{self.input_name}:{{}}x" + "x".join(map(str, self.input_shape))
             trt = {
                 "trt_fp16_enable": self.variant == "fp16",
                 "trt_int8_enable": self.variant == "int8",

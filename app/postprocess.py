@@ -1,4 +1,8 @@
-"""Logits -> the top classes with probabilities, one request at a time."""
+"""Model outputs -> the top classes with probabilities, one request at a time.
+
+Outputs are logits (a softmax turns them into probabilities) or, for models that end in a
+softmax of their own (manifest output kind `probabilities`), the probabilities themselves.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def top_k(logits: np.ndarray, k: int, labels: list[str]) -> list[dict]:
-    """The `k` most likely classes of one image's logits, best first (ties: lower index)."""
+def top_k(
+    logits: np.ndarray, k: int, labels: list[str], *, probabilities: bool = False
+) -> list[dict]:
+    """The `k` most likely classes of one image's outputs, best first (ties: lower index).
+
+    `probabilities`: the outputs are probabilities already; they are ranked and answered as
+    they are, never put through a second softmax.
+    """
+    if probabilities:
+        scores = logits.tolist()
+        best = np.argsort(-logits, kind="stable")[:k].tolist()
+        return [{"label": labels[i], "index": i, "score": scores[i]} for i in best]
     if len(logits) <= SMALL_OUTPUT:
         values = logits.tolist()
         peak = max(values)

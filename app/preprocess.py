@@ -1,4 +1,4 @@
-"""The one definition of preprocessing: encoded image bytes -> float32 NCHW, per the manifest.
+"""The one definition of preprocessing: encoded image bytes -> float32 NCHW/NHWC, per the manifest.
 
 The service and the offline build's evaluation both call this module, so training-time
 evaluation and serving see exactly the same pixels.
@@ -29,6 +29,7 @@ MAGIC_BYTES = (
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not grey pixels
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 class Preprocessor:
@@ -38,6 +39,8 @@ class Preprocessor:
         self.spec = spec
         self.max_pixels = max_pixels
         self.size = (spec.width, spec.height)
+        self.resample = RESAMPLING[spec.interpolation]
+        self.channels_last = spec.layout == "NHWC"
         std = np.asarray(spec.std, dtype=np.float32)
         mean = np.asarray(spec.mean, dtype=np.float32)
         # (x/255 - mean)/std as one multiply-add per pixel, shaped to broadcast over HWC.
@@ -66,7 +69,7 @@ class Preprocessor:
         return image
 
     def to_tensor(self, image: Image.Image) -> np.ndarray:
-        """Decode, convert, resize and normalise one image into a [1, C, H, W] float32 array."""
+        """Decode, convert, resize and normalise one image: float32 [1, C, H, W] or [1, H, W, C]."""
         spec = self.spec
         box = self._source_box(image.size)
         if image.format == "JPEG":
@@ -78,7 +81,7 @@ class Preprocessor:
             image.load()
             image = to_color(image, spec.color)
             if image.size != self.size:
-                image = image.resize(self.size, Image.Resampling.BILINEAR, box=box)
+                image = image.resize(self.size, self.resample, box=box)
         except Image.DecompressionBombError as exc:
             raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -86,25 +89,33 @@ class Preprocessor:
         # frombuffer over tobytes is cheaper than np.asarray(image), which goes the same way
         width, height = image.size
         pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, -1)
-        normalised = pixels * self._scale + self._bias
+        normalised = pixels * self._scale + self._bias  # a new HWC array, already contiguous
+        if self.channels_last:
+            return normalised[None]
         return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
 
     def __call__(self, data: bytes) -> np.ndarray:
         return self.to_tensor(self.open_image(data))
 
     def _source_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """The region of the source that maps onto the model input."""
+        """The region of the source that maps onto the model input.
+
+        center_crop: the largest centred region of the model's aspect ratio, shrunk by
+        crop_fraction; for a square input that is "shorter side to size / crop_fraction, then a
+        centre crop of size". stretch: the whole image (its centre crop_fraction per side).
+        """
         width, height = size
-        if self.spec.resize == "stretch":
-            return (0.0, 0.0, float(width), float(height))
-        target_aspect = self.size[0] / self.size[1]
-        if width / height > target_aspect:  # too wide: crop the sides
-            crop_w = height * target_aspect
-            left = (width - crop_w) / 2
-            return (left, 0.0, left + crop_w, float(height))
-        crop_h = width / target_aspect
-        top = (height - crop_h) / 2
-        return (0.0, top, float(width), top + crop_h)
+        crop_w, crop_h = float(width), float(height)
+        if self.spec.resize == "center_crop":
+            target_aspect = self.size[0] / self.size[1]
+            if width / height > target_aspect:  # too wide: crop the sides
+                crop_w = height * target_aspect
+            else:
+                crop_h = width / target_aspect
+        fraction = self.spec.crop_fraction
+        crop_w, crop_h = crop_w * fraction, crop_h * fraction
+        left, top = (width - crop_w) / 2, (height - crop_h) / 2
+        return (left, top, left + crop_w, top + crop_h)
 
     def _draft_size(
         self, size: tuple[int, int], box: tuple[float, float, float, float]

@@ -38,10 +38,18 @@ class Status(BaseModel):
 class InputOut(BaseModel):
     name: str
     shape: list[int | str] = Field(examples=[["batch", 1, 28, 28]])
+    layout: str = Field(examples=["NCHW"])
     color: str
-    resize: str
+    resize: str = Field(examples=["center_crop"])
+    crop_fraction: float = Field(examples=[0.875])
+    interpolation: str = Field(examples=["bilinear"])
     mean: list[float]
     std: list[float]
+
+
+class OutputOut(BaseModel):
+    name: str
+    kind: str = Field(examples=["logits"], description="logits, or probabilities already")
 
 
 class ModelOut(BaseModel):
@@ -49,6 +57,7 @@ class ModelOut(BaseModel):
     version: str
     labels: list[str]
     input: InputOut
+    output: OutputOut
     variant: str
     provider: str
     max_batch_size: int

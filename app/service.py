@@ -38,6 +38,7 @@ class ModelService:
             max_batch_size=settings.max_batch_size,
         )
         self.labels = manifest.labels
+        self.probabilities = manifest.output.kind == "probabilities"  # no second softmax
         # What every answer says of the model, built once.
         self.model_fields = {
             "name": manifest.name,

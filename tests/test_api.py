@@ -414,11 +414,15 @@ async def test_models(api, bundle_dir):
     assert model["input"] == {
         "name": "input",
         "shape": ["batch", 1, 28, 28],
+        "layout": "NCHW",
         "color": "L",
         "resize": manifest.input.resize,
+        "crop_fraction": 1.0,
+        "interpolation": "bilinear",
         "mean": [0.5],
         "std": [0.25],
     }
+    assert model["output"] == {"name": "logits", "kind": "logits"}
     assert model["variant"] == "int8"
     assert model["provider"] == "CPUExecutionProvider"
     assert model["max_batch_size"] == 4

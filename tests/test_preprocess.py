@@ -221,3 +221,83 @@ def test_corrupted_images_only_ever_raise_client_errors():
         assert tensor.shape == (1, 1, 28, 28)
         assert np.isfinite(tensor).all()
     assert min(outcomes.values()) > 50  # both paths were exercised
+
+
+# -- ImageNet-style inputs: crop fraction, interpolation, NHWC ---------------------------------
+
+IMAGENET = InputSpec(
+    height=224,
+    width=224,
+    channels=3,
+    color="RGB",
+    crop_fraction=0.875,
+    mean=[0.5] * 3,
+    std=[0.5] * 3,
+)
+
+
+def framed(width: int, height: int, border: int) -> Image.Image:
+    """White inside a black frame `border` pixels wide."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[border : height - border, border : width - border] = 255
+    return Image.fromarray(pixels, "RGB")
+
+
+def test_crop_fraction_cuts_the_frame_that_a_full_crop_keeps():
+    # 256 x 256 with a 16-pixel frame: 0.875 keeps the middle 224, all white; 1.0 sees the frame
+    data = encode(framed(256, 256, 16), "PNG")
+    cropped = Preprocessor(IMAGENET)(data)
+    whole = Preprocessor(IMAGENET.model_copy(update={"crop_fraction": 1.0}))(data)
+    np.testing.assert_allclose(cropped, 1.0, atol=1e-6)
+    assert whole[0, :, 0, 0].max() < -0.9 and whole[0, :, 112, 112].min() > 0.99
+
+
+def test_crop_fraction_is_shorter_side_to_256_then_centre_224():
+    source = rgb(400, 300, seed=3).resize((40, 30)).resize((400, 300))  # smooth
+    tensor = Preprocessor(IMAGENET)(encode(source, "PNG"))
+    # the reference recipe: shorter side to 256 (300 -> 256, 400 -> 341), centre crop 224
+    resized = source.resize((341, 256), Image.Resampling.BILINEAR)
+    left, top = (341 - 224) // 2, (256 - 224) // 2
+    reference = np.asarray(resized.crop((left, top, left + 224, top + 224)), np.float32)
+    want = (reference / 255 - 0.5) / 0.5
+    assert np.abs(tensor[0].transpose(1, 2, 0) - want).mean() < 0.02
+
+
+def test_big_jpeg_with_crop_fraction_still_decodes_at_reduced_scale():
+    source = rgb(2048, 1536, seed=4).resize((64, 48)).resize((2048, 1536))
+    data = encode(source, "JPEG", quality=90)
+    pre = Preprocessor(IMAGENET)
+    image = pre.open_image(data)
+    tensor = pre.to_tensor(image)
+    # the crop is 0.875 x 1536 = 1344 rows; at 1/4 scale it is 336 >= 224, at 1/8 only 168
+    assert image.size == (512, 384)
+    full = Preprocessor(IMAGENET)(encode(source, "PNG"))
+    assert np.abs(tensor - full).mean() < 0.05
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_interpolation_follows_the_manifest(interpolation):
+    source = rgb(97, 97, seed=6)
+    spec = IMAGENET.model_copy(update={"crop_fraction": 1.0, "interpolation": interpolation})
+    tensor = Preprocessor(spec)(encode(source, "PNG"))
+    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    reference = np.asarray(source.resize((224, 224), filters[interpolation]), np.float32)
+    np.testing.assert_allclose(
+        tensor[0].transpose(1, 2, 0), (reference / 255 - 0.5) / 0.5, atol=1e-5
+    )
+
+
+def test_bicubic_and_bilinear_differ():
+    data = encode(rgb(97, 97, seed=6), "PNG")
+    spec = IMAGENET.model_copy(update={"interpolation": "bicubic"})
+    assert np.abs(Preprocessor(spec)(data) - Preprocessor(IMAGENET)(data)).max() > 0.1
+
+
+@pytest.mark.parametrize("spec", [GREY, RGB, IMAGENET], ids=["grey", "rgb", "imagenet"])
+def test_nhwc_is_nchw_transposed_and_contiguous(spec):
+    data = encode(rgb(300, 200, seed=8), "JPEG")
+    nchw = Preprocessor(spec)(data)
+    nhwc = Preprocessor(spec.model_copy(update={"layout": "NHWC"}))(data)
+    assert nhwc.shape == (1, spec.height, spec.width, spec.channels)
+    assert nhwc.dtype == np.float32 and nhwc.flags.c_contiguous
+    np.testing.assert_array_equal(nhwc, nchw.transpose(0, 2, 3, 1))

@@ -83,7 +83,9 @@ async def classify(service: ModelService, scope: Scope, receive: Receive, send: 
         body = orjson.dumps(
             {
                 "model": service.model_fields,
-                "predictions": top_k(result.outputs[0], k, service.labels),
+                "predictions": top_k(
+                    result.outputs[0], k, service.labels, probabilities=service.probabilities
+                ),
             }
         )
         timing = b"decode;dur=%.3f, queue;dur=%.3f, inference;dur=%.3f, total;dur=%.3f" % (

@@ -1,8 +1,10 @@
 """The served model as the protocol describes it: metadata, config, accepted inputs, outputs.
 
-Two inputs, of which a request sends one: the model's own FP32 tensor `[N, C, H, W]`, already
-preprocessed as the manifest says, or `image`, a BYTES tensor `[N]` of encoded images that the
-server decodes exactly as /classify does. Two outputs: `logits` and `probabilities`, `[N, classes]`.
+Two inputs, of which a request sends one: the model's own FP32 tensor `[N, C, H, W]` (or
+`[N, H, W, C]` for an NHWC model), already preprocessed as the manifest says, or `image`, a BYTES
+tensor `[N]` of encoded images that the server decodes exactly as /classify does. Outputs,
+`[N, classes]`: `logits` and `probabilities`, or only `probabilities` for a model whose own output
+is probabilities already (it has no logits to give, and gets no second softmax).
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ class ServedModel:
         self.name, self.version, self.labels = manifest.name, manifest.version, manifest.labels
         self.tensor_input = spec.name
         self.image_input = IMAGE if spec.name != IMAGE else f"encoded_{IMAGE}"
-        self.sample_shape = (spec.channels, spec.height, spec.width)
+        self.sample_shape = spec.sample_shape
+        self.layout = spec.layout
+        self.input_spec = spec
+        self.model_probabilities = manifest.output.kind == PROBABILITIES
+        self.output_names = (PROBABILITIES,) if self.model_probabilities else OUTPUTS
+        self.output_kind = manifest.output.kind
         self.max_batch_size = service.settings.max_batch_size
         self.stats = ModelStatistics()
         self.metadata = self._metadata()
@@ -62,14 +69,14 @@ class ServedModel:
     # -- inputs --------------------------------------------------------------------------------
 
     def expected_inputs(self) -> str:
-        c, h, w = self.sample_shape
+        dims = ", ".join(map(str, self.sample_shape))
         return (
-            f"{self.tensor_input!r} (FP32 [N, {c}, {h}, {w}], preprocessed) or "
+            f"{self.tensor_input!r} (FP32 [N, {dims}], {self.layout}, preprocessed) or "
             f"{self.image_input!r} (BYTES [N], encoded images)"
         )
 
     def read_input(self, inputs: list[Tensor]) -> np.ndarray | list[bytes]:
-        """The request's pixels as float32 [N, C, H, W], or its encoded images."""
+        """The request's pixels as float32 [N, *sample_shape], or its encoded images."""
         if len(inputs) != 1:
             raise bad(f"send exactly one input, {self.expected_inputs()}; got {len(inputs)}")
         (tensor,) = inputs
@@ -108,10 +115,10 @@ class ServedModel:
     ) -> list[RequestedOutput]:
         """The outputs to answer (all of them when none are named), checked before inference."""
         if outputs is None:
-            return [RequestedOutput(name, binary) for name in OUTPUTS]
+            return [RequestedOutput(name, binary) for name in self.output_names]
         for output in outputs:
-            if output.name not in OUTPUTS:
-                raise bad(f"unknown output {output.name!r}: outputs are {list(OUTPUTS)}")
+            if output.name not in self.output_names:
+                raise bad(f"unknown output {output.name!r}: outputs are {list(self.output_names)}")
         return outputs
 
     def outputs(self, logits: np.ndarray, requested: list[RequestedOutput]) -> list[OutputTensor]:
@@ -123,8 +130,8 @@ class ServedModel:
                 data = self._classification(logits, output.name, output.classification)
                 answers.append(OutputTensor(output.name, BYTES, data, output.binary))
                 continue
-            if output.name == LOGITS:
-                data = logits
+            if output.name == LOGITS or self.model_probabilities:
+                data = logits  # the model's own output, as it is
             else:
                 if probabilities is None:
                     probabilities = softmax(logits).astype(np.float32)
@@ -141,7 +148,7 @@ class ServedModel:
         k = min(k, len(self.labels))
         rows = []
         for row in logits:
-            best = top_k(row, k, self.labels)
+            best = top_k(row, k, self.labels, probabilities=self.model_probabilities)
             if name == PROBABILITIES:
                 rows.append([f"{p['score']!r}:{p['index']}:{p['label']}".encode() for p in best])
             else:
@@ -159,12 +166,36 @@ class ServedModel:
             "versions": [self.version],
             "platform": PLATFORM,
             "inputs": [
-                {"name": self.tensor_input, "datatype": "FP32", "shape": [-1, *self.sample_shape]},
-                {"name": self.image_input, "datatype": BYTES, "shape": [-1]},
+                {
+                    "name": self.tensor_input,
+                    "datatype": "FP32",
+                    "shape": [-1, *self.sample_shape],
+                    "parameters": {"layout": self.layout},
+                },
+                {
+                    "name": self.image_input,
+                    "datatype": BYTES,
+                    "shape": [-1],
+                    "parameters": self._preprocessing(),
+                },
             ],
             "outputs": [
-                {"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUTS
+                {"name": name, "datatype": "FP32", "shape": [-1, classes]}
+                for name in self.output_names
             ],
+        }
+
+    def _preprocessing(self) -> dict:
+        """How `image` inputs become the tensor input: the manifest's input description."""
+        spec = self.input_spec
+        return {
+            "layout": spec.layout,
+            "color": spec.color,
+            "resize": spec.resize,
+            "crop_fraction": spec.crop_fraction,
+            "interpolation": spec.interpolation,
+            "mean": orjson.dumps(spec.mean).decode(),
+            "std": orjson.dumps(spec.std).decode(),
         }
 
     def _config(self, service: ModelService) -> dict:
@@ -181,7 +212,7 @@ class ServedModel:
                 {
                     "name": self.tensor_input,
                     "data_type": "TYPE_FP32",
-                    "format": "FORMAT_NCHW",
+                    "format": f"FORMAT_{self.layout}",
                     "dims": list(self.sample_shape),
                     "optional": True,
                 },
@@ -196,7 +227,7 @@ class ServedModel:
             ],
             "output": [
                 {"name": name, "data_type": "TYPE_FP32", "dims": [len(self.labels)]}
-                for name in OUTPUTS
+                for name in self.output_names
             ],
             "dynamic_batching": {
                 "max_queue_delay_microseconds": round(settings.max_queue_delay_ms * 1000),
@@ -218,5 +249,10 @@ class ServedModel:
                 "variant": {"string_value": engine.variant},
                 "execution_provider": {"string_value": engine.provider},
                 "labels": {"string_value": orjson.dumps(self.labels).decode()},
+                "output_kind": {"string_value": self.output_kind},
+                **{
+                    key: {"string_value": str(value)}
+                    for key, value in self._preprocessing().items()
+                },
             },
         }

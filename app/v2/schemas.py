@@ -21,6 +21,9 @@ class TensorMetadata(BaseModel):
     name: str
     datatype: str = Field(examples=["FP32"])
     shape: list[int] = Field(examples=[[-1, 1, 28, 28]], description="-1: any size")
+    parameters: dict[str, Any] | None = Field(
+        None, description="the tensor's layout; for encoded images, how they are preprocessed"
+    )
 
 
 class ModelMetadata(BaseModel):
