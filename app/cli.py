@@ -1,4 +1,4 @@
-"""`blink serve` and `blink build`."""
+"""`blink serve`, `blink build` and `blink import`."""
 
 from __future__ import annotations
 
@@ -118,6 +118,12 @@ def build(argv: list[str]) -> int:
     return build_main(argv)
 
 
+def import_model(argv: list[str]) -> int:
+    from models.importer import main as import_main
+
+    return import_main(argv)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="blink", description="Blink image classification service")
     commands = root.add_subparsers(dest="command")
@@ -129,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"])
     run.add_argument("--variant", choices=["auto", "fp32", "int8", "fp16"])
     commands.add_parser("build", help="train, quantize and export a model bundle", add_help=False)
+    commands.add_parser(
+        "import", help="turn an ONNX image classifier into a model bundle", add_help=False
+    )
     return root
 
 
@@ -136,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "build":
         return build(argv[1:])
+    if argv and argv[0] == "import":
+        return import_model(argv[1:])
     args = parser().parse_args(argv or ["serve"])
     return serve(args)
 

@@ -37,6 +37,7 @@ from models.pipeline import (
     quiet_stdout,
     remove_tree,
     replace_symlink,
+    verify,
 )
 
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
@@ -284,14 +285,3 @@ def make_manifest(state, dataset, spec, directory, variants, name, version, metr
             "compression": state.compression,
         },
     )
-
-
-def verify(directory: Path) -> None:
-    """The service's loader and engine accept the bundle and answer a batch."""
-    bundle = load_bundle(directory)
-    spec = bundle.manifest.input
-    for variant in bundle.manifest.variants:
-        engine = Engine(bundle, device="cpu", variant=variant, threads=1)
-        logits = engine.run(np.zeros((2, spec.channels, spec.height, spec.width), np.float32))
-        if logits.shape != (2, len(bundle.manifest.labels)) or not np.isfinite(logits).all():
-            raise BuildError(f"the {variant} variant answered {logits.shape} non-finite logits")

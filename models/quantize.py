@@ -32,9 +32,15 @@ CALIBRATION_METHODS = {
 
 
 class BatchReader(CalibrationDataReader):
-    """Feeds float32 NCHW calibration images to the calibrator in batches."""
+    """Feeds float32 calibration images (NCHW or NHWC) to the calibrator in equal batches.
+
+    Equal, because the histogram calibrators stack every batch's activations into one array.
+    """
 
     def __init__(self, images: np.ndarray, input_name: str, batch_size: int = 64) -> None:
+        batch_size = max(
+            d for d in range(1, min(batch_size, len(images)) + 1) if len(images) % d == 0
+        )
         self.batches = iter([images[i : i + batch_size] for i in range(0, len(images), batch_size)])
         self.input_name = input_name
 

@@ -162,3 +162,72 @@ def quantize_int8(source: Path, target: Path, channels: int, size: int) -> None:
     quantize_static(
         str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True
     )
+
+
+def classifier(
+    *,
+    layout: str = "NCHW",
+    channels: int = 3,
+    size: int = 16,
+    classes: int = 4,
+    batch: int | str = "batch",
+    softmax: bool = False,
+    batch_in_reshape: bool = False,
+    hidden_batch: bool = False,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """A small conv classifier in the forms models arrive in from other exporters.
+
+    `layout="NHWC"`: the input is [N, H, W, C] and transposed inside (as tf2onnx writes Keras
+    models). `batch=1`: the batch size is fixed in the input and output shapes.
+    `batch_in_reshape`: the head flattens with Reshape [batch, -1], the batch size written into
+    the graph (as tracing exporters do). `hidden_batch`: that shape constant is also read by a
+    second Reshape, so no rewrite may touch it. `softmax`: the output is probabilities.
+    """
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        fan_in = int(np.prod(shape[1:])) or 1
+        return numpy_helper.from_array(
+            rng.normal(0, (2 / fan_in) ** 0.5, shape).astype(np.float32), name
+        )
+
+    width = 8
+    initializers = [weight("w0", width, channels, 3, 3), weight("wf", classes, width)]
+    nodes, source = [], "input"
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]))
+        source = "nchw"
+    nodes += [
+        helper.make_node("Conv", [source, "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("GlobalAveragePool", ["r0"], ["gap"]),
+    ]
+    if batch_in_reshape:
+        shape = np.array([batch if isinstance(batch, int) else -1, -1], np.int64)
+        initializers.append(numpy_helper.from_array(shape, "flat_shape"))
+        nodes.append(helper.make_node("Reshape", ["gap", "flat_shape"], ["flat"]))
+        if hidden_batch:  # a second reader of the same constant: a no-op on the value
+            nodes.append(helper.make_node("Reshape", ["flat", "flat_shape"], ["flat2"]))
+    else:
+        nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    head = "flat2" if hidden_batch else "flat"
+    nodes.append(
+        helper.make_node("Gemm", [head, "wf"], ["scores" if softmax else "logits"], transB=1)
+    )
+    output = "logits"
+    if softmax:
+        output = "probabilities"
+        nodes.append(helper.make_node("Softmax", ["scores"], [output], axis=1))
+    shape = [size, size, channels] if layout == "NHWC" else [channels, size, size]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *shape])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, classes])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

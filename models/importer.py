@@ -1,0 +1,259 @@
+"""`blink import`: an ONNX image classifier (or a pretrained backbone) in, a model bundle out.
+
+Stages: read and check the model -> describe its input (flags, else what the graph says) ->
+fp32 (a fixed batch made dynamic and checked) -> INT8 (static, calibrated) and fp16 when
+calibration images are given -> evaluate every variant through the service's preprocessing and
+engine -> gate -> speed -> manifest, report, `latest`; the same bundle `blink build` writes.
+
+Exit status: 0 imported; 1 the gate failed (the bundle is kept, `latest` is not moved); 2 a
+model, labels file or flag that cannot work, said in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import onnx
+from pydantic import ValidationError
+
+from app.bundle import InputSpec, OutputSpec
+from models import import_inputs as inputs
+from models import onnx_graph
+from models.pipeline import BuildError, GateFailed
+
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blink import",
+        description="Turn an ONNX image classifier into a served-ready model bundle.",
+    )
+    p.add_argument("model", nargs="?", type=Path, help="the .onnx file")
+    p.add_argument("--labels", type=Path, help="one label per line, or JSON (list or index->name)")
+    p.add_argument(
+        "--pretrained",
+        metavar="NAME",
+        help="instead of a file: an ImageNet backbone from the 'pretrained' extra "
+        "(efficientnet-lite0), exported, calibrated on sample photos and checked on them",
+    )
+    i = p.add_argument_group("input (defaults: what the model's input tensor says)")
+    i.add_argument("--input-name", help="default: the model's only image input")
+    i.add_argument("--size", help="N or HxW; default: the input's fixed height and width")
+    i.add_argument("--color", choices=["RGB", "L"], help="default: RGB for 3 channels, L for 1")
+    i.add_argument("--layout", choices=LAYOUTS, help="default: where the 1 or 3 channels sit")
+    i.add_argument("--resize", choices=["center_crop", "stretch"], default="center_crop")
+    i.add_argument(
+        "--crop-fraction",
+        type=float,
+        help="centre crop: shorter side to size / fraction, then crop (default: 0.875 for RGB, "
+        "the ImageNet 256 -> 224 convention; 1.0 for greyscale)",
+    )
+    i.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear")
+    i.add_argument(
+        "--mean",
+        help=f"per channel, or a preset ({', '.join(inputs.NORMALISATION)}); pixels are "
+        "(x/255 - mean) / std; default: imagenet for RGB, unit for L",
+    )
+    i.add_argument("--std", help="per channel, or a preset; default: as --mean")
+    o = p.add_argument_group("output")
+    o.add_argument("--output-name", help="default: the model's first output")
+    o.add_argument(
+        "--output-kind",
+        choices=["logits", "probabilities"],
+        help="default: probabilities when the output comes from a Softmax node, else logits",
+    )
+    v = p.add_argument_group("variants and checks")
+    v.add_argument("--calibrate", type=Path, metavar="DIR", help="images for static INT8")
+    v.add_argument("--calibration-images", type=int, default=512, help="at most this many")
+    v.add_argument(
+        "--calibration-method", choices=["minmax", "entropy", "percentile"], default="percentile"
+    )
+    v.add_argument("--no-fp16", action="store_true", help="skip the fp16 (GPU) variant")
+    v.add_argument("--eval", type=Path, metavar="DIR", help="class-per-folder labelled images")
+    v.add_argument("--max-int8-drop", type=float, default=0.3, help="in accuracy points")
+    v.add_argument("--min-accuracy", type=float, default=0.0, help="a fraction, e.g. 0.9")
+    v.add_argument(
+        "--min-int8-agreement",
+        type=float,
+        help="least fraction of images where INT8's top class is fp32's (default: 0.97 with "
+        "--pretrained, else not gated)",
+    )
+    v.add_argument("--seed", type=int, default=0)
+    out = p.add_argument_group("output bundle")
+    out.add_argument("--out", type=Path, default=Path("models/repository"))
+    out.add_argument("--name", help="default: the file's name, or imagenet-<backbone>")
+    out.add_argument("--version", help="default: UTC time, 20261123T130501Z")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    try:
+        bundle = run(args, argv)
+    except BuildError as exc:
+        print(f"blink import: error: {exc}", file=sys.stderr)
+        return 2
+    except GateFailed as exc:
+        print(f"blink import: gate failed: {exc}", file=sys.stderr)
+        return 1
+    print(bundle)
+    return 0
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> Path:
+    from models.import_bundle import Source, write_import
+
+    if args.pretrained:
+        return write_import(args, argv, pretrained_source(args))
+    if args.model is None or args.labels is None:
+        raise BuildError("give MODEL.onnx and --labels FILE (or --pretrained NAME)")
+    labels = inputs.read_labels(args.labels)
+    model = load_model(args.model)
+    name = args.name or safe_name(args.model.stem)
+    return write_import(args, argv, Source(args.model, model, labels, name))
+
+
+def pretrained_source(args: argparse.Namespace):
+    """Export the backbone next to where the bundle goes; its input spec fills unset flags."""
+    from models import pretrained
+    from models.import_bundle import Source
+
+    if args.model is not None or args.labels is not None:
+        raise BuildError("--pretrained takes no MODEL.onnx or --labels (both come with it)")
+    try:
+        spec = pretrained.pretrained_spec(args.pretrained)
+        labels = pretrained.imagenet_labels()
+        name = args.name or f"imagenet-{spec.name}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f".{name}.export.onnx"
+        torch_model = pretrained.export_onnx(spec.name, path)
+    except pretrained.PretrainedUnavailable as exc:
+        raise BuildError(str(exc)) from exc
+    given = spec.input_spec()
+    args.size = args.size or str(given.height)
+    args.crop_fraction = args.crop_fraction or given.crop_fraction
+    args.mean = args.mean or ",".join(map(str, given.mean))
+    args.std = args.std or ",".join(map(str, given.std))
+    if args.min_int8_agreement is None:
+        args.min_int8_agreement = 0.97
+    return Source(path, onnx.load(str(path)), labels, name, torch_model=torch_model)
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise BuildError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx its own types
+        raise BuildError(f"{path} is not an ONNX file ({type(exc).__name__})") from exc
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        raise BuildError(f"{path} is not an ONNX model (no graph nodes, inputs or outputs)")
+    return model
+
+
+def safe_name(stem: str) -> str:
+    """A bundle name the manifest accepts, from a file name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")
+    return name or "model"
+
+
+def describe_input(args, graph: onnx_graph.GraphIO, path: Path) -> InputSpec:
+    """The manifest's input spec: the flags, checked against the graph, which fills the gaps."""
+    tensor = pick_input(args, graph, path)
+    dims = tensor.dims
+    if len(dims) != 4:
+        raise BuildError(
+            f"{path}: input {tensor.name!r} has rank {len(dims)} ({format_dims(dims)}); an "
+            "image classifier takes [N, C, H, W] or [N, H, W, C]"
+        )
+    layout = args.layout or onnx_graph.guess_layout(dims) or "NCHW"
+    channel_axis, spatial = (1, (2, 3)) if layout == "NCHW" else (3, (1, 2))
+    channels = dims[channel_axis]
+    if isinstance(channels, int) and channels not in (1, 3):
+        raise BuildError(
+            f"{path}: input {tensor.name!r} {format_dims(dims)} has {channels} channels where "
+            f"{layout} puts them; expected 1 or 3" + ("" if args.layout else " (try --layout)")
+        )
+    if args.color and isinstance(channels, int) and channels != {"RGB": 3, "L": 1}[args.color]:
+        raise BuildError(
+            f"--color {args.color} needs {3 if args.color == 'RGB' else 1} channel(s), but "
+            f"{path}'s input {format_dims(dims)} has {channels}"
+        )
+    color = args.color or ("L" if channels == 1 else "RGB")
+    channels = 1 if color == "L" else 3
+    height, width = input_size(args, [dims[a] for a in spatial], path)
+    default_norm = "imagenet" if color == "RGB" else "unit"
+    crop = args.crop_fraction or (0.875 if color == "RGB" else 1.0)
+    try:
+        return InputSpec(
+            name=tensor.name,
+            height=height,
+            width=width,
+            channels=channels,
+            color=color,
+            resize=args.resize,
+            crop_fraction=crop,
+            interpolation=args.interpolation,
+            mean=inputs.normalisation(args.mean, channels, default_norm, "--mean"),
+            std=inputs.normalisation(args.std or args.mean, channels, default_norm, "--std"),
+            layout=layout,
+        )
+    except ValidationError as exc:
+        raise BuildError(f"input description is invalid: {exc.errors()[0]['msg']}") from None
+
+
+def pick_input(args, graph: onnx_graph.GraphIO, path: Path) -> onnx_graph.Tensor:
+    names = [t.name for t in graph.inputs]
+    if args.input_name:
+        if args.input_name not in names:
+            raise BuildError(f"{path} has no input {args.input_name!r} (has {names})")
+        return next(t for t in graph.inputs if t.name == args.input_name)
+    if len(names) != 1:
+        raise BuildError(f"{path} has {len(names)} inputs {names}: pick one with --input-name")
+    return graph.inputs[0]
+
+
+def input_size(args, dims: list, path: Path) -> tuple[int, int]:
+    fixed = all(isinstance(d, int) and d > 0 for d in dims)
+    if args.size:
+        size = inputs.parse_size(args.size)
+        if fixed and tuple(dims) != size:
+            raise BuildError(
+                f"--size {args.size} contradicts {path}'s input, fixed at {dims[0]}x{dims[1]}"
+            )
+        return size
+    if not fixed:
+        raise BuildError(f"{path}'s input height and width are not fixed: pass --size")
+    return dims[0], dims[1]
+
+
+def describe_output(args, graph: onnx_graph.GraphIO, labels: list[str], path: Path) -> OutputSpec:
+    names = [o.name for o in graph.outputs]
+    if args.output_name and args.output_name not in names:
+        raise BuildError(f"{path} has no output {args.output_name!r} (has {names})")
+    tensor = graph.output(args.output_name)
+    check_classes(tensor.name, tensor.dims, labels, path)
+    guessed = "probabilities" if tensor.name in graph.softmax_outputs else "logits"
+    return OutputSpec(name=tensor.name, kind=args.output_kind or guessed)
+
+
+def check_classes(name: str, dims: list, labels: list[str], path: Path) -> None:
+    """The output must be [N, classes] with one label per class."""
+    if len(dims) != 2:
+        raise BuildError(
+            f"{path}: output {name!r} has shape {format_dims(dims)}; a classifier's output "
+            "must be [N, classes]"
+        )
+    if isinstance(dims[1], int) and dims[1] != len(labels):
+        raise BuildError(
+            f"{path}: output {name!r} has {dims[1]} classes but there are {len(labels)} labels"
+        )
+
+
+def format_dims(dims: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
