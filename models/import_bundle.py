@@ -128,28 +128,8 @@ def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directo
             "that look like what the model will see (fp16 comes with it)."
         )
     else:
-        with state.stage("quantize int8"):
-            from models.quantize import quantize_int8
-
-            quantize_int8(
-                directory / VARIANT_FILES["fp32"],
-                directory / VARIANT_FILES["int8"],
-                calibration,
-                method=args.calibration_method,
-                input_name=spec.name,
-            )
-        quantization = {
-            "method": args.calibration_method,
-            "images": len(calibration),
-            "format": "QDQ",
-            "weights": "int8 per channel",
-            "activations": "uint8",
-        }
-        variants.append("int8")
-        if not args.no_fp16:
-            with state.stage("fp16"):
-                write_fp16(directory / VARIANT_FILES["fp32"], directory / VARIANT_FILES["fp16"])
-            variants.append("fp16")
+        quantization = write_quantized(state, directory, calibration, spec)
+        variants += ["int8"] + ([] if args.no_fp16 else ["fp16"])
     provisional = make_manifest(state, source, spec, output, directory, variants, {})
     (directory / MANIFEST_FILE).write_text(provisional.dump())
     bundle = load_bundle(directory)
@@ -259,6 +239,44 @@ def source_parity(source: Source, path: Path, spec: InputSpec) -> None:
     if difference > PARITY_BOUND:
         raise BuildError(f"ONNX export differs from torch by {difference:.2e} (> {PARITY_BOUND})")
     source.parity = difference
+
+
+def write_quantized(state, directory: Path, calibration: np.ndarray, spec: InputSpec) -> dict:
+    """INT8 (and fp16) from the fp32 variant after ONNX Runtime's own graph clean-up.
+
+    Exporters leave shape arithmetic, explicit Pad nodes and unfolded constants that the
+    quantizer would otherwise wrap in quantize/dequantize pairs; `quant_pre_process` folds them
+    (Pad into Conv, constants computed) so only real layers are quantized.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from models.quantize import quantize_int8, quiet_logs
+
+    args = state.args
+    prepared = directory / ".prepared.onnx"
+    try:
+        with state.stage("quantize int8"):
+            with quiet_logs():
+                quant_pre_process(str(directory / VARIANT_FILES["fp32"]), str(prepared))
+            quantize_int8(
+                prepared,
+                directory / VARIANT_FILES["int8"],
+                calibration,
+                method=args.calibration_method,
+                input_name=spec.name,
+            )
+        if not args.no_fp16:
+            with state.stage("fp16"):
+                write_fp16(prepared, directory / VARIANT_FILES["fp16"])
+    finally:
+        prepared.unlink(missing_ok=True)
+    return {
+        "method": args.calibration_method,
+        "images": len(calibration),
+        "format": "QDQ",
+        "weights": "int8 per channel",
+        "activations": "uint8",
+    }
 
 
 def write_fp16(source: Path, target: Path) -> None:
