@@ -111,7 +111,8 @@ def measured(manifest: Manifest, checks, served: str) -> list[str]:
         if "top1_agreement_with_fp32" in m:
             lines.append(
                 f"- {variant}: top-1 class agrees with fp32 on "
-                f"{100 * m['top1_agreement_with_fp32']:.1f}% of {m['agreement_images']} images."
+                f"{100 * m['top1_agreement_with_fp32']:.1f}% of {m['agreement_images']} images"
+                + confident_part(m)
             )
         if "known_photos" in m:
             ranks = ", ".join(f"{k} {v}" for k, v in m["known_photo_ranks"].items())
@@ -121,3 +122,14 @@ def measured(manifest: Manifest, checks, served: str) -> list[str]:
             )
     lines += [f"- {note}" for note in checks.notes]
     return lines
+
+
+def confident_part(metrics: dict) -> str:
+    from models.import_bundle import CONFIDENT
+
+    if "top1_agreement_where_fp32_confident" not in metrics:
+        return "."
+    return (
+        f"; on the {metrics['confident_images']} where fp32's top class has probability "
+        f"{CONFIDENT} or more, {100 * metrics['top1_agreement_where_fp32_confident']:.1f}%."
+    )

