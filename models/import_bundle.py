@@ -95,9 +95,6 @@ def write_import(args: argparse.Namespace, argv: list[str], source: Source) -> P
     except BaseException:
         remove_tree(staging)
         raise
-    finally:
-        if source.torch_model is not None:
-            source.path.unlink(missing_ok=True)  # the export; the bundle holds its copy
     if failures:
         raise GateFailed(
             "; ".join(failures) + f" (bundle kept at {final} for inspection; latest not moved)"
@@ -296,19 +293,20 @@ def write_fp16(source: Path, target: Path) -> None:
 
 
 def calibration_set(state, source: Source, spec: InputSpec) -> np.ndarray | None:
+    """--calibrate's images; for a pretrained backbone without it, the sample photos."""
     args = state.args
-    if source.torch_model is not None:
-        from models import photos
-
-        with state.stage("calibration photos"):
-            images = [p.image for p in photos.all_photos()]
-            crops = photos.augmented(images, args.calibration_images, args.seed)
-            return preprocess_images(images + crops, spec)
-    if args.calibrate is None:
+    if args.calibrate is not None:
+        with state.stage("calibration images"):
+            files = inputs.calibration_files(args.calibrate, args.calibration_images, args.seed)
+            return read_files(files, spec)
+    if source.torch_model is None:
         return None
-    with state.stage("calibration images"):
-        files = inputs.calibration_files(args.calibrate, args.calibration_images, args.seed)
-        return read_files(files, spec)
+    from models import photos
+
+    with state.stage("calibration photos"):
+        images = [p.image for p in photos.all_photos()]
+        crops = photos.augmented(images, args.calibration_images, args.seed)
+        return preprocess_images(images + crops, spec)
 
 
 def checked_images(state, source: Source, spec: InputSpec) -> CheckImages:

@@ -121,7 +121,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> Path:
     if args.calibration_images < 1:
         raise BuildError("--calibration-images must be at least 1")
     if pretrained:
-        return write_import(args, argv, pretrained_source(args))
+        source = pretrained_source(args)
+        try:
+            return write_import(args, argv, source)
+        finally:
+            source.path.unlink(missing_ok=True)  # the export; the bundle holds its copy
     if args.model is None or args.labels is None:
         raise BuildError("give MODEL.onnx and --labels FILE (or --pretrained NAME)")
     labels = inputs.read_labels(args.labels)

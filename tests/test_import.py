@@ -342,3 +342,14 @@ async def test_served_nhwc_probability_model_answers_without_a_second_softmax(
             "/v2/models/keras/infer", json={**tensor, "outputs": [{"name": "logits"}]}
         )
         assert refused.status_code == 400 and "outputs are ['probabilities']" in refused.text
+
+
+@pytest.mark.parametrize("count", [1, 64, 130, 218])
+def test_calibration_batches_are_equal_for_any_image_count(count):
+    from models.quantize import BatchReader
+
+    reader = BatchReader(np.zeros((count, 3, 2, 2), np.float32), "input")
+    sizes = []
+    while (batch := reader.get_next()) is not None:
+        sizes.append(len(batch["input"]))
+    assert sum(sizes) == count and len(set(sizes)) == 1 and sizes[0] <= 64
