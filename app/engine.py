@@ -38,9 +38,36 @@ def choose_device(requested: str, available: Iterable[str]) -> str:
     return requested
 
 
-def choose_variant(requested: str, device: str, in_bundle: Iterable[str]) -> Precision:
-    """`auto`: int8 on CPU, fp16 on a GPU, when the bundle has them; fp32 otherwise."""
+def cpu_sums_int8_in_32_bits() -> bool:
+    """Whether this CPU multiplies u8 x s8 without the 16-bit intermediate sums of plain AVX2
+    and AVX-512 (VPMADDUBSW), which saturate for INT8 weights that use the full 8-bit range."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume the worst, fp32 is always correct
+        return False
+    return any(flag in flags for flag in (" avx512_vnni", " avx_vnni", " amx_int8"))
+
+
+def int8_safe_here(manifest_provenance: dict) -> bool:
+    """Full-range INT8 weights (recorded by `blink import` on a VNNI machine) answer wrongly on a
+    CPU without VNNI; 7-bit weights, the build's default, are safe everywhere."""
+    quantization = manifest_provenance.get("quantization")
+    if not isinstance(quantization, dict) or quantization.get("weight_range") != "full":
+        return True
+    return cpu_sums_int8_in_32_bits()
+
+
+def choose_variant(
+    requested: str, device: str, in_bundle: Iterable[str], *, int8_safe: bool = True
+) -> Precision:
+    """`auto`: int8 on CPU (where its weights are safe here), fp16 on a GPU, when the bundle has
+    them; fp32 otherwise."""
     variants = set(in_bundle)
+    if not int8_safe and device == "cpu":
+        if requested == "auto":
+            variants.discard("int8")
+        elif requested == "int8":
+            log.warning("int8 weights use the full 8-bit range and this CPU has no VNNI")
     if requested != "auto":
         if requested not in variants:
             raise BundleError(
@@ -79,7 +106,12 @@ class Engine:
     ) -> None:
         manifest = bundle.manifest
         self.device = choose_device(device, ort.get_available_providers())
-        self.variant = choose_variant(variant, self.device, manifest.variants)
+        self.variant = choose_variant(
+            variant,
+            self.device,
+            manifest.variants,
+            int8_safe=int8_safe_here(manifest.provenance),
+        )
         path = verify_variant(bundle, self.variant)
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name

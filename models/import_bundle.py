@@ -248,13 +248,14 @@ def write_quantized(state, directory: Path, calibration: np.ndarray, spec: Input
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from models.quantize import cpu_has_vnni, quantize_int8, quiet_logs
+    from app.engine import cpu_sums_int8_in_32_bits
+    from models.quantize import quantize_int8, quiet_logs
 
     args = state.args
     prepared = directory / ".prepared.onnx"
     # 7-bit weights keep CPUs without VNNI from saturating, at a cost to depthwise-heavy
     # networks (see docs/own-model.md); with VNNI here, all 8 bits are used.
-    full_range = cpu_has_vnni()
+    full_range = cpu_sums_int8_in_32_bits()
     try:
         with state.stage("quantize int8"):
             with quiet_logs():
@@ -277,6 +278,8 @@ def write_quantized(state, directory: Path, calibration: np.ndarray, spec: Input
         "images": len(calibration),
         "format": "QDQ",
         "weights": "int8 per channel" + ("" if full_range else " (7-bit range)"),
+        # Read by the engine: full-range weights saturate on x86 CPUs without VNNI.
+        "weight_range": "full" if full_range else "reduced",
         "activations": "uint8",
         "serve_on": "CPUs with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) or GPUs"
         if full_range

@@ -91,15 +91,6 @@ def quantize_int8(
     return target
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU sums u8 x s8 products in 32 bits (AVX-512 VNNI, AVX-VNNI, AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_vnni", " avx_vnni", " amx_int8"))
-
-
 @contextlib.contextmanager
 def quiet_logs():
     root = logging.getLogger()

@@ -14,6 +14,8 @@ from app.engine import (
     bucket_for,
     choose_device,
     choose_variant,
+    cpu_sums_int8_in_32_bits,
+    int8_safe_here,
 )
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -53,6 +55,16 @@ def test_choose_device_refuses_a_missing_provider(requested):
 )
 def test_choose_variant(requested, device, variants, expected):
     assert choose_variant(requested, device, variants) == expected
+
+
+def test_full_range_int8_is_not_chosen_on_a_cpu_without_vnni():
+    variants = ["fp32", "int8"]
+    assert choose_variant("auto", "cpu", variants, int8_safe=False) == "fp32"
+    assert choose_variant("int8", "cpu", variants, int8_safe=False) == "int8"  # asked for
+    assert choose_variant("auto", "cuda", variants, int8_safe=False) == "fp32"
+    assert int8_safe_here({}) and int8_safe_here({"quantization": {"weight_range": "reduced"}})
+    full = {"quantization": {"weight_range": "full"}}
+    assert int8_safe_here(full) == cpu_sums_int8_in_32_bits()
 
 
 def test_choose_variant_refuses_one_the_bundle_lacks():
