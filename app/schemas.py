@@ -44,6 +44,14 @@ class InputOut(BaseModel):
     std: list[float]
 
 
+class Batching(BaseModel):
+    policy: str = Field(description="measured or max (BLINK_BATCH_POLICY)")
+    batch_cap: int = Field(description="The batcher's largest batch, chosen at warm-up")
+    seconds_per_batch: dict[str, float] = Field(
+        description="Median seconds per batch at each timed batch size, measured at warm-up"
+    )
+
+
 class ModelOut(BaseModel):
     name: str
     version: str
@@ -52,6 +60,7 @@ class ModelOut(BaseModel):
     variant: str
     provider: str
     max_batch_size: int
+    batching: Batching
     metrics: dict
 
 
