@@ -31,13 +31,17 @@ def source_photos() -> list[np.ndarray]:
     return photos
 
 
-def camera_jpeg(pixels: np.ndarray, megapixels: float) -> bytes:
+def camera_jpeg(
+    pixels: np.ndarray,
+    megapixels: float,
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> bytes:
     """The photo resized to about `megapixels` (aspect kept) and encoded as a quality-90 JPEG."""
     image = Image.fromarray(pixels).convert("RGB")
     scale = math.sqrt(megapixels * 1e6 / (image.width * image.height))
     size = (round(image.width * scale), round(image.height * scale))
     buffer = io.BytesIO()
-    image.resize(size, Image.Resampling.LANCZOS).save(buffer, "JPEG", quality=QUALITY)
+    image.resize(size, resample).save(buffer, "JPEG", quality=QUALITY)
     return buffer.getvalue()
 
 
