@@ -188,7 +188,8 @@ def report(results: dict) -> str:
     verdict = {True: "yes", False: "NO", None: "-"}
     lines = [
         f"model {results['model']}; server and wrk on CPUs {results['cpus']}; "
-        f"{results['repeat']} interleaved rounds of {results['seconds']:g} s; median [min-max]",
+        f"{results['repeat']} interleaved rounds of {results['seconds']:g} s; median [min-max]; "
+        "load average {:.1f} before, {:.1f} after".format(*results["load_average"]),
         "",
         *decode_table(results),
         "",

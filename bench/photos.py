@@ -216,6 +216,7 @@ def main() -> None:
     from app.bundle import load_bundle
     from app.preprocess import Preprocessor
 
+    load_before = os.getloadavg()[0]
     bundle = load_bundle(args.model)
     preprocessor = Preprocessor(bundle.manifest.input)
     with pinned(args.decode_cpu):
@@ -241,6 +242,8 @@ def main() -> None:
         "served": served,
         "loop_by_size": by_size,
         "batching": caps,
+        # the 1-minute load average before and after: how shared the machine was
+        "load_average": [load_before, os.getloadavg()[0]],
     }
     text = report(results)
     print(text)
