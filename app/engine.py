@@ -115,7 +115,7 @@ class Engine:
         (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         return logits[:size]
 
-    def warm_up(self, timed_repeats: int = 5) -> dict[int, float]:
+    def warm_up(self, timed_repeats: int = 3) -> dict[int, float]:
         """Run every batch size the service will use once, so no request pays for a first run;
         then time the power-of-two sizes (median of `timed_repeats`): the cost curve, in seconds
         per batch, that app.batch_policy chooses the batcher's cap from."""
