@@ -117,8 +117,8 @@ class Engine:
 
     def warm_up(self, timed_repeats: int = 3) -> dict[int, float]:
         """Run every batch size the service will use once, so no request pays for a first run;
-        then time the power-of-two sizes (median of `timed_repeats`): the cost curve, in seconds
-        per batch, that app.batch_policy chooses the batcher's cap from."""
+        then time the power-of-two sizes (median of up to `timed_repeats` runs): the cost curve,
+        in seconds per batch, that app.batch_policy chooses the batcher's cap from."""
         sizes = self.buckets or range(1, self.max_batch_size + 1)
         for size in sizes:
             self.run(np.zeros((size, *self.input_shape), np.float32))
@@ -128,10 +128,11 @@ class Engine:
         }
         return self.batch_costs
 
-    def _median_run_s(self, size: int, repeats: int) -> float:
+    def _median_run_s(self, size: int, repeats: int, budget_s: float = 0.1) -> float:
         batch = np.zeros((size, *self.input_shape), np.float32)
-        times = []
-        for _ in range(repeats):
+        times: list[float] = []
+        # Long runs vary little: once a size has used its budget, one more sample adds nothing.
+        while len(times) < repeats and sum(times) < budget_s:
             started = time.perf_counter()
             self.run(batch)
             times.append(time.perf_counter() - started)
