@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -117,6 +119,7 @@ class Engine:
         self.output_name = manifest.output.name
         self.input_shape = manifest.input.sample_shape  # (C, H, W), or (H, W, C) for NHWC
         self.max_batch_size = max_batch_size
+        self.batch_costs: dict[int, float] = {}  # seconds per batch, filled by warm_up
         # GPUs pad batches to a few sizes so TensorRT profiles and cuDNN plans are reused.
         self.buckets = batch_buckets(max_batch_size) if self.device != "cpu" else None
         providers = self._providers(cache_dir or bundle.directory / ".trt-cache")
@@ -144,11 +147,28 @@ class Engine:
         (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         return logits[:size]
 
-    def warm_up(self) -> None:
-        """Run every batch size the service will use once, so no request pays for a first run."""
+    def warm_up(self, timed_repeats: int = 3) -> dict[int, float]:
+        """Run every batch size the service will use once, so no request pays for a first run;
+        then time the power-of-two sizes (median of up to `timed_repeats` runs): the cost curve,
+        in seconds per batch, that app.batch_policy chooses the batcher's cap from."""
         sizes = self.buckets or range(1, self.max_batch_size + 1)
         for size in sizes:
             self.run(np.zeros((size, *self.input_shape), np.float32))
+        self.batch_costs = {
+            size: self._median_run_s(size, timed_repeats)
+            for size in batch_buckets(self.max_batch_size)
+        }
+        return self.batch_costs
+
+    def _median_run_s(self, size: int, repeats: int, budget_s: float = 0.1) -> float:
+        batch = np.zeros((size, *self.input_shape), np.float32)
+        times: list[float] = []
+        # Long runs vary little: once a size has used its budget, one more sample adds nothing.
+        while len(times) < repeats and sum(times) < budget_s:
+            started = time.perf_counter()
+            self.run(batch)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
 
     def _session_options(self, threads: int) -> ort.SessionOptions:
         options = ort.SessionOptions()

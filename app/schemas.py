@@ -52,6 +52,14 @@ class OutputOut(BaseModel):
     kind: str = Field(examples=["logits"], description="logits, or probabilities already")
 
 
+class Batching(BaseModel):
+    policy: str = Field(description="measured or max (BLINK_BATCH_POLICY)")
+    batch_cap: int = Field(description="The batcher's largest batch, chosen at warm-up")
+    seconds_per_batch: dict[str, float] = Field(
+        description="Median seconds per batch at each timed batch size, measured at warm-up"
+    )
+
+
 class ModelOut(BaseModel):
     name: str
     version: str
@@ -61,6 +69,7 @@ class ModelOut(BaseModel):
     variant: str
     provider: str
     max_batch_size: int
+    batching: Batching
     metrics: dict
 
 

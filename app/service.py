@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from app.batch_policy import batch_cap
 from app.batching import GoneProbe, MicroBatcher
 from app.bundle import Bundle, load_bundle
 from app.engine import Engine
@@ -100,7 +101,7 @@ class ModelService:
     async def warm_up(self) -> None:
         started = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.warm_up)
+            costs = await asyncio.get_running_loop().run_in_executor(None, self.engine.warm_up)
         except Exception as exc:  # never ready; /readyz says why
             self.warm_up_error = str(exc)
             log.exception("warm-up failed")
@@ -108,9 +109,18 @@ class ModelService:
         # Objects alive now live for the whole process: keep the collector from rescanning them.
         gc.collect()
         gc.freeze()
+        self.batcher.max_batch_size = batch_cap(
+            self.settings.batch_policy, self.settings.max_batch_size, costs
+        )
         self.ready = True
         self.metrics.ready.set(1)
-        log.info("ready", extra={"warm_up_s": round(time.perf_counter() - started, 3)})
+        log.info(
+            "ready",
+            extra={
+                "warm_up_s": round(time.perf_counter() - started, 3),
+                "batch_cap": self.batcher.max_batch_size,
+            },
+        )
 
     async def preprocess(self, data: bytes) -> tuple[np.ndarray, float]:
         started = time.perf_counter()

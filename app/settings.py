@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.batch_policy import BatchPolicy
+
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 Variant = Literal["auto", "fp32", "int8", "fp16"]
 
@@ -24,6 +26,11 @@ class Settings(BaseSettings):
     device: Device = "auto"
     model_variant: Variant = "auto"
     max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_policy: BatchPolicy = Field(
+        "measured",
+        description="measured: cap batches at the size with the best per-image cost timed during "
+        "warm-up (app/batch_policy.py), at most max_batch_size; max: always max_batch_size.",
+    )
     max_queue_delay_ms: float = Field(0.0, ge=0, description="Wait this long for fuller batches.")
     queue_capacity: int = Field(1024, ge=1, description="Requests waiting beyond this get 503.")
     engine_slots: int = Field(1, ge=1, le=64, description="Batches in flight at once.")

@@ -1,6 +1,15 @@
-"""The engine ceiling without HTTP: decode + session.run + postprocess, pinned to one core.
+"""The engine ceiling without HTTP: decode + session.run + postprocess, in one process.
 
-Prints JSON: images per second at batch 1 and batch 32, and the single-image time.
+Decoding runs in line, or (`--decode-threads N`) in a pool of N threads that decodes the next
+batch while the engine runs this one, as the service's decode pool does.
+
+Runs timed windows, one per batch size and repeat, and prints JSON: images per second per batch
+size (median, min, max over the repeats), the batch cap the engine's warm-up curve chose, that
+curve, and the single-image model time. `--batches` takes sizes and `cap` (the chosen cap).
+
+With `--sync`, it prints `{"ready": true, "cap": N}` after warming up and reads a line from
+stdin: a start time (time.time()) and the batch sizes to measure. Several processes then
+measure the same windows at once: their rates add up to the ceiling of that many workers.
 """
 
 from __future__ import annotations
@@ -9,49 +18,118 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from app.batch_policy import batch_cap
 from app.bundle import load_bundle
 from app.engine import Engine
 from app.postprocess import top_k
 from app.preprocess import Preprocessor
 
+WINDOW_GAP_S = 0.3  # between windows, so processes that drift apart line up again
 
-def images_per_second(engine, preprocess, labels, bodies, batch, seconds) -> float:
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        chunk = [bodies[(done + i) % len(bodies)] for i in range(batch)]
-        tensor = np.concatenate([preprocess(b) for b in chunk])
-        for row in engine.run(tensor):
-            top_k(row, 5, labels)
+
+def images_in_window(
+    engine, preprocess, labels, bodies, batch, until: float, pool, decode_threads: int = 0
+) -> int:
+    """Images decoded, run and answered before `until`. With a decode pool, the pool keeps
+    decoding the batches ahead while the engine runs this one, as in the service under load."""
+    done = 0
+    if pool is None:
+        while time.time() < until:
+            chunk = [bodies[(done + i) % len(bodies)] for i in range(batch)]
+            answer(engine, labels, np.concatenate([preprocess(b) for b in chunk]))
+            done += batch
+        return done
+    ahead = batch + decode_threads  # enough queued that no decode thread waits
+    decoding: deque = deque()
+    submitted = 0
+    while time.time() < until:
+        while len(decoding) < batch + ahead:
+            decoding.append(pool.submit(preprocess, bodies[submitted % len(bodies)]))
+            submitted += 1
+        answer(engine, labels, np.concatenate([decoding.popleft().result() for _ in range(batch)]))
         done += batch
-    return done / (time.perf_counter() - started)
+    for future in decoding:
+        future.cancel()
+    return done
+
+
+def answer(engine, labels, tensor: np.ndarray) -> None:
+    for row in engine.run(tensor):
+        top_k(row, 5, labels)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--bodies", type=Path, required=True)
+    parser.add_argument("--variant", default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--decode-threads", type=int, default=0, help="decode pool size; 0 = decode in line"
+    )
+    parser.add_argument("--batches", nargs="+", default=["1", "32"], help="sizes, or 'cap'")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sync", action="store_true", help="wait for a start time on stdin")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
-    engine = Engine(bundle, device="cpu", threads=1, max_batch_size=32)
-    engine.warm_up()
+    engine = Engine(
+        bundle,
+        device="cpu",
+        variant=args.variant,
+        threads=args.threads,
+        max_batch_size=args.max_batch_size,
+    )
+    costs = engine.warm_up()
+    cap = batch_cap("measured", args.max_batch_size, costs)
+    sizes = sorted({cap if b == "cap" else int(b) for b in args.batches})
     preprocess = Preprocessor(bundle.manifest.input)
     bodies = [p.read_bytes() for p in sorted(args.bodies.glob("*.bin"))]
-    result = {"variant": engine.variant, "cpu": sorted(os.sched_getaffinity(0))}
-    for batch in (1, 32):
-        runs = [
-            images_per_second(
-                engine, preprocess, bundle.manifest.labels, bodies, batch, args.seconds
+    start = time.time()
+    if args.sync:  # the caller answers with a start time and the sizes all processes measure
+        print(json.dumps({"ready": True, "cap": cap}), flush=True)
+        start_text, *size_texts = sys.stdin.readline().split()
+        start, sizes = float(start_text), [int(s) for s in size_texts]
+    rates: dict[int, list[float]] = {size: [] for size in sizes}
+    pool = ThreadPoolExecutor(args.decode_threads) if args.decode_threads else None
+    window = 0
+    for _ in range(args.repeat):
+        for size in sizes:
+            opens = start + window * (args.seconds + WINDOW_GAP_S)
+            time.sleep(max(0.0, opens - time.time()))
+            done = images_in_window(
+                engine,
+                preprocess,
+                bundle.manifest.labels,
+                bodies,
+                size,
+                opens + args.seconds,
+                pool,
+                args.decode_threads,
             )
-            for _ in range(args.repeat)
-        ]
-        result[f"b{batch}"] = {
+            rates[size].append(done / (time.time() - opens))
+            window += 1
+    result: dict = {
+        "variant": engine.variant,
+        "threads": args.threads,
+        "decode_threads": args.decode_threads,
+        "cpu": sorted(os.sched_getaffinity(0)),
+        "cap": cap,
+        "seconds_per_batch": costs,
+        "model_b1_ms": costs[1] * 1000,
+        "rates": rates,
+    }
+    for size, runs in rates.items():
+        result[f"b{size}"] = {
             "median": statistics.median(runs),
             "min": min(runs),
             "max": max(runs),

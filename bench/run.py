@@ -38,7 +38,7 @@ LUA = ROOT / "bench" / "post_images.lua"
 
 @contextlib.contextmanager
 def server(
-    command: list[str], env: dict[str, str], cpu: int, ready_path: str, log
+    command: list[str], env: dict[str, str], cpu: int | str, ready_path: str, log
 ) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ, **env, "BLINK_PORT": str(port), "BLINK_HOST": "127.0.0.1"}
@@ -85,7 +85,7 @@ class Load:
     content_type: str = "image/png"
 
 
-def wrk(url: str, load: Load, cpu: int, conc: int, seconds: float) -> dict:
+def wrk(url: str, load: Load, cpu: int | str, conc: int, seconds: float) -> dict:
     env = {
         **os.environ,
         "BENCH_BODIES": str(load.bodies),

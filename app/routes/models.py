@@ -35,6 +35,13 @@ async def list_models(request: Request) -> dict:
                 "variant": service.engine.variant,
                 "provider": service.engine.provider,
                 "max_batch_size": service.settings.max_batch_size,
+                "batching": {
+                    "policy": service.settings.batch_policy,
+                    "batch_cap": service.batcher.max_batch_size,
+                    "seconds_per_batch": {
+                        str(size): s for size, s in service.engine.batch_costs.items()
+                    },
+                },
                 "metrics": manifest.metrics,
             }
         ]

@@ -1,0 +1,206 @@
+"""The photo benchmark's tables, as Markdown, from the figures bench/photos.py measured."""
+
+from __future__ import annotations
+
+C1_SLACK_MS = 1.0  # the c=1 target: engine batch 1 + decode + this
+CEILING_SHARE = 0.9  # the c=64 target: this share of the engine ceiling
+INT8_SPEEDUP = 1.5  # the INT8 target: this many times the fp32 engine throughput
+
+
+def ms(spread: dict, scale: float = 1.0) -> str:
+    return (
+        f"{spread['median'] * scale:.2f} [{spread['min'] * scale:.2f}-{spread['max'] * scale:.2f}]"
+    )
+
+
+def rate(spread: dict) -> str:
+    return f"{spread['median']:.1f} [{spread['min']:.1f}-{spread['max']:.1f}]"
+
+
+def decode_table(results: dict) -> list[str]:
+    lines = [
+        "Decode + preprocess per image, one core (ms, median [min-max]); where the service "
+        f"decodes it, and what a request costs the server at c={loop_concurrency(results)} "
+        "(default configuration):",
+        "",
+        "| photos | MP | KB | with DCT scaling | full decode | scaling saves | decoded on "
+        "| event-loop CPU us/req | server CPU us/req | p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, d in results["decode"].items():
+        served = results["loop_by_size"].get(label)
+        saved = 1 - d["draft_ms"]["median"] / d["full_ms"]["median"]
+        cells = [label, f"{d['megapixels']:.2f}", f"{d['kilobytes']:.0f}", ms(d["draft_ms"])]
+        cells += [ms(d["full_ms"]), f"{saved:.0%}", " + ".join(d["where"])]
+        if served:
+            cells += [f"{served['loop_cpu_us']['median']:.0f}", f"{served['cpu_us']['median']:.0f}"]
+            cells.append(ms(served["p50_us"], 1e-3))
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def loop_concurrency(results: dict) -> int:
+    runs = results["loop_by_size"]
+    return results.get("loop_concurrency", 16) if runs else 0
+
+
+def ceiling_table(results: dict) -> list[str]:
+    lines = [
+        f"Engine ceiling on {results['main_size']} photos: decode + run + top-5, no HTTP, one "
+        "process per worker with the same intra-op threads, all at once (images/s):",
+        "",
+        "| configuration | variant | batch 1 | at the cap | cap (warm-up curve) | best "
+        "| model batch-1 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, by_config in results["ceilings"].items():
+        for name, c in by_config.items():
+            batches = c["batches"]
+            at_cap = rate(batches[c["cap"]]) if c["cap"] in batches else "-"
+            cells = [name, variant, rate(batches[1]), at_cap, str(c["cap"])]
+            cells += [f"{c['best']['median']:.1f} (batch {c['best_batch']})"]
+            cells.append(f"{c['model_b1_ms']:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def served_table(results: dict) -> list[str]:
+    lines = [
+        f"Blink on {results['main_size']} photos (POST /classify, raw JPEG; variant as served):",
+        "",
+        "| configuration | c | req/s | p50 ms | p99 ms | server CPU ms/req | of which event loops "
+        "| decode ms (metrics) | inference ms/img | mean batch | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, by_c in results["served"].items():
+        for conc, s in by_c.items():
+            cells = [name, str(conc), rate(s["rps"]), ms(s["p50_us"], 1e-3), ms(s["p99_us"], 1e-3)]
+            cells += [f"{s['cpu_us']['median'] / 1000:.2f}"]
+            cells += [f"{s['loop_cpu_us']['median'] / 1000:.2f}"]
+            cells += [f"{s['decode_ms']['median']:.2f}"]
+            cells += [f"{s['inference_ms_per_image']['median']:.2f}"]
+            cells += [f"{s['mean_batch']['median']:.1f}", str(s["errors"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def batching_table(results: dict) -> list[str]:
+    lines = [
+        "Batch cap chosen at warm-up (BLINK_BATCH_POLICY=measured), per-image ms at each timed "
+        "batch size:",
+        "",
+        "| configuration | variant | cap | per-image ms by batch size |",
+        "|---|---|---|---|",
+    ]
+    for name, b in results["batching"].items():
+        curve = b.get("seconds_per_batch", {})
+        points = ", ".join(f"{k}: {v / int(k) * 1000:.2f}" for k, v in curve.items())
+        lines.append(f"| {name} | {b['variant']} | {b.get('batch_cap', '-')} | {points} |")
+    return lines
+
+
+def target_rows(results: dict) -> list[tuple[str, str, str, bool | None]]:
+    rows: list[tuple[str, str, str, bool | None]] = []
+    decode_ms = results["decode"][results["main_size"]]["draft_ms"]["median"]
+    ceilings = results["ceilings"]
+    for name, by_c in results["served"].items():
+        variant = results["batching"][name]["variant"]
+        ceiling = ceilings.get(variant, {}).get(name)
+        top = max(by_c)
+        if ceiling and top >= 16:
+            got, best = by_c[top]["rps"]["median"], ceiling["best"]["median"]
+            rows.append(
+                (
+                    f"{name}: c={top} vs engine ceiling ({variant})",
+                    f"{got:.1f} / {best:.1f} = {got / best:.0%}",
+                    f">= {CEILING_SHARE:.0%}",
+                    got >= CEILING_SHARE * best,
+                )
+            )
+        if ceiling and 1 in by_c:
+            single = one_worker_b1_ms(ceilings[variant], name, ceiling)
+            goal = single + decode_ms + C1_SLACK_MS
+            p50 = by_c[1]["p50_us"]["median"] / 1000
+            rows.append(
+                (
+                    f"{name}: c=1 p50",
+                    f"{p50:.2f} ms",
+                    f"<= {single:.2f} + {decode_ms:.2f} + {C1_SLACK_MS:g} = {goal:.2f} ms",
+                    p50 <= goal,
+                )
+            )
+    rows += best_against_best(results)
+    if "fp32" in ceilings and "int8" in ceilings:
+        for name, fp32 in ceilings["fp32"].items():
+            int8 = ceilings["int8"][name]
+            ratio = int8["best"]["median"] / fp32["best"]["median"]
+            model = min(fp32["model_ms_per_image"].values()) / min(
+                int8["model_ms_per_image"].values()
+            )
+            rows.append(
+                (
+                    f"{name}: INT8 / fp32 engine throughput (model alone)",
+                    f"{ratio:.2f}x ({model:.2f}x)",
+                    f">= {INT8_SPEEDUP:g}x",
+                    ratio >= INT8_SPEEDUP,
+                )
+            )
+    largest = list(results["decode"])[-1]
+    where = results["decode"][largest]["where"]
+    off_loop = where == ["decode pool"]
+    rows.append((f"{largest} decoded off the event loop", " + ".join(where), "pool", off_loop))
+    return rows
+
+
+def best_against_best(results: dict) -> list[tuple[str, str, str, bool | None]]:
+    """The best configuration served against the best ceiling of any configuration."""
+    served = results["served"]
+    top = max(max(by_c) for by_c in served.values())
+    if top < 16:
+        return []
+    name = max(served, key=lambda n: served[n].get(top, {}).get("rps", {}).get("median", 0))
+    variant = results["batching"][name]["variant"]
+    ceilings = results["ceilings"].get(variant, {})
+    if not ceilings:
+        return []
+    best_name = max(ceilings, key=lambda n: ceilings[n]["best"]["median"])
+    got, best = served[name][top]["rps"]["median"], ceilings[best_name]["best"]["median"]
+    return [
+        (
+            f"best served ({name}), c={top} vs best ceiling ({best_name}, {variant})",
+            f"{got:.1f} / {best:.1f} = {got / best:.0%}",
+            f">= {CEILING_SHARE:.0%}",
+            got >= CEILING_SHARE * best,
+        )
+    ]
+
+
+def one_worker_b1_ms(by_config: dict, name: str, ceiling: dict) -> float:
+    """Batch-1 model time of one worker with these threads, timed while nothing else ran."""
+    threads = name.rsplit(" ", 1)[-1]
+    alone = by_config.get(f"workers 1, threads {threads}")
+    return (alone or ceiling)["model_b1_ms"]
+
+
+def report(results: dict) -> str:
+    verdict = {True: "yes", False: "NO", None: "-"}
+    lines = [
+        f"model {results['model']}; server and wrk on CPUs {results['cpus']}; "
+        f"{results['repeat']} interleaved rounds of {results['seconds']:g} s; median [min-max]; "
+        "load average {:.1f} before, {:.1f} after".format(*results["load_average"]),
+        "",
+        *decode_table(results),
+        "",
+        *ceiling_table(results),
+        "",
+        *batching_table(results),
+        "",
+        *served_table(results),
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {verdict[d]} |" for a, b, c, d in target_rows(results)]
+    return "\n".join(lines)

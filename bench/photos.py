@@ -1,0 +1,257 @@
+"""Blink on real photos: decode cost, the engine ceiling and the service, side by side in one run.
+
+Real JPEG photos at about 0.3, 2 and 12 megapixels (bench/photo_bodies.py) against a real model
+bundle, on every usable core (the server gets them all, wrk runs beside it):
+
+1. decode + preprocess per image at each size, with and without JPEG DCT scaling, on one core;
+   where the service decodes it and what the request costs its event loop;
+2. the engine ceiling (decode + run + postprocess, no HTTP) for each workers x intra-op threads
+   configuration, fp32 and INT8, at batch 1 and at the batch cap the warm-up curve chose;
+3. Blink at c=1, 16, 64 for each configuration (requests/s, p50/p99, CPU per request split into
+   the event loops and every other thread, and what the service's own metrics say);
+4. the targets: c=64 against the ceiling of the same configuration, c=1 p50 against engine
+   batch-1 + decode + 1 ms, INT8 against fp32.
+
+Rounds are interleaved across configurations and repeated; the spread is printed.
+
+    python -m bench.photos --model BUNDLE [--seconds 3] [--repeat 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.decode_cost import decode_costs, pinned
+from bench.photo_bodies import SIZES, body_count, photo_bodies, read_bodies
+from bench.photo_report import report
+from bench.run import ROOT, Load, server, spread, wrk
+from bench.server_cpu import tree_cpu
+from loadtest import promstats
+
+# (BLINK_WORKERS, intra-op threads per worker)
+CONFIGS = [(1, 2), (2, 1), (1, 1), (2, 2)]  # the first is the service's default on 2 cores
+MAIN_SIZE = "2MP"  # the photos the engine ceiling and the concurrency matrix use
+
+
+def ceiling(args: argparse.Namespace, variant: str, workers: int, threads: int) -> dict:
+    """`workers` engine processes measuring the same windows at once; their rates add up."""
+    command = ["taskset", "-c", args.cpus, sys.executable, "-m", "bench.engine_ceiling"]
+    command += ["--model", str(args.model), "--bodies", str(args.bodies[MAIN_SIZE])]
+    command += ["--variant", variant, "--threads", str(threads), "--batches", "1", "cap"]
+    command += ["--decode-threads", str(args.decode_threads)]
+    command += ["--seconds", str(args.seconds), "--repeat", str(args.repeat), "--sync"]
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    caps = []
+    for process in processes:
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"engine ceiling exited with {process.wait()}")
+        caps.append(json.loads(line)["cap"])
+    sizes = " ".join(str(s) for s in sorted({1, caps[0]}))  # the first worker's curve decides
+    start = time.time() + 0.2
+    for process in processes:
+        process.stdin.write(f"{start} {sizes}\n")  # type: ignore[union-attr]
+        process.stdin.close()  # type: ignore[union-attr]
+    results = [json.loads(process.stdout.read().strip().splitlines()[-1]) for process in processes]  # type: ignore[union-attr]
+    for process in processes:
+        process.wait()
+    first = results[0]
+    combined = {"variant": first["variant"], "cap": caps[0], "batches": {}}
+    combined["model_b1_ms"] = first["model_b1_ms"]
+    combined["model_ms_per_image"] = {
+        int(size): seconds / int(size) for size, seconds in first["seconds_per_batch"].items()
+    }
+    for size in first["rates"]:
+        per_window = [sum(r["rates"][size][i] for r in results) for i in range(args.repeat)]
+        combined["batches"][int(size)] = spread(per_window)
+    best = max(combined["batches"], key=lambda s: combined["batches"][s]["median"])
+    combined["best_batch"] = best
+    combined["best"] = combined["batches"][best]
+    return combined
+
+
+def served_env(args: argparse.Namespace, workers: int, threads: int) -> dict[str, str]:
+    return {
+        "BLINK_MODEL": str(args.model),
+        "BLINK_WORKERS": str(workers),
+        "BLINK_THREADS": str(threads),
+        "BLINK_LOG_LEVEL": "warning",
+    }
+
+
+def measured_run(url: str, pid: int, load: Load, args: argparse.Namespace, conc: int) -> dict:
+    """One wrk run, with the server's CPU per request (all processes, event loops apart) and
+    what its own metrics say about decode, inference and batch sizes."""
+    before_cpu, before_metrics = tree_cpu(pid), promstats.scrape(url)
+    run = wrk(url, load, args.cpus, conc, args.seconds)
+    after_cpu, metrics = tree_cpu(pid), promstats.delta(promstats.scrape(url), before_metrics)
+    requests = max(1, run["requests"])
+    run["cpu_us"] = (after_cpu["total"] - before_cpu["total"]) / requests * 1e6
+    run["loop_cpu_us"] = (after_cpu["loops"] - before_cpu["loops"]) / requests * 1e6
+    decodes = promstats.total(metrics, "blink_decode_duration_seconds_count")
+    images = promstats.total(metrics, "blink_batch_size_sum")
+    batches = promstats.total(metrics, "blink_batch_size_count")
+    inference_s = promstats.total(metrics, "blink_inference_duration_seconds_sum")
+    decode_s = promstats.total(metrics, "blink_decode_duration_seconds_sum")
+    run["decode_ms"] = decode_s / decodes * 1000 if decodes else 0.0
+    run["inference_ms_per_image"] = inference_s / images * 1000 if images else 0.0
+    run["mean_batch"] = images / batches if batches else 0.0
+    return run
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = ("rps", "p50_us", "p99_us", "cpu_us", "loop_cpu_us", "decode_ms")
+    summary = {key: spread([r[key] for r in runs]) for key in keys}
+    for key in ("inference_ms_per_image", "mean_batch"):
+        summary[key] = spread([r[key] for r in runs])
+    summary["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
+    return summary
+
+
+def measure_served(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """The concurrency matrix on the main photos, and the event loop's cost at every size."""
+    loads = {
+        label: Load("/classify", directory, body_count(directory), "image/jpeg")
+        for label, directory in args.bodies.items()
+    }
+    matrix: dict[str, dict[int, list[dict]]] = {}
+    by_size: dict[str, list[dict]] = {}
+    caps: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(tempfile.TemporaryFile())
+        urls = {}
+        for workers, threads in args.configs:  # one at a time: each warm-up times its curve
+            env = served_env(args, workers, threads)
+            command = [sys.executable, "-m", "app", "serve"]
+            url = stack.enter_context(server(command, env, args.cpus, "/readyz", log))
+            urls[config_name(workers, threads)] = url
+            caps[config_name(workers, threads)] = model_batching(url[0])
+        default = config_name(*args.configs[0])
+        for url, _ in urls.values():  # warm-up, not recorded
+            wrk(url, loads[MAIN_SIZE], args.cpus, max(args.concurrency), 1)
+        for round_ in range(args.repeat):
+            for conc in args.concurrency:
+                for name, (url, pid) in urls.items():
+                    run = measured_run(url, pid, loads[MAIN_SIZE], args, conc)
+                    matrix.setdefault(name, {}).setdefault(conc, []).append(run)
+                    progress(round_, f"c={conc:<3} {name:<22}", run)
+            url, pid = urls[default]
+            for label, load in loads.items():
+                run = measured_run(url, pid, load, args, args.loop_concurrency)
+                by_size.setdefault(label, []).append(run)
+                progress(round_, f"c={args.loop_concurrency:<3} {default} {label:<6}", run)
+    served = {
+        name: {c: summarise(runs) for c, runs in by_c.items()} for name, by_c in matrix.items()
+    }
+    sizes = {label: summarise(runs) for label, runs in by_size.items()}
+    return served, sizes, caps
+
+
+def model_batching(url: str) -> dict:
+    import httpx
+
+    (model,) = httpx.get(url + "/v1/models").json()["models"]
+    return {"variant": model["variant"], **model.get("batching", {})}
+
+
+def progress(round_: int, what: str, run: dict) -> None:
+    print(
+        f"round {round_ + 1} {what} {run['rps']:7.1f} req/s p99 {run['p99_us'] / 1000:7.1f} ms",
+        file=sys.stderr,
+    )
+
+
+def config_name(workers: int, threads: int) -> str:
+    return f"workers {workers}, threads {threads}"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="an image-classifier bundle")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measured window")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--cpus", default=None, help="cores for server and wrk (default: all)")
+    parser.add_argument("--decode-cpu", type=int, default=None, help="core for the decode table")
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / "results" / "photos")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s windows, 1 round")
+    args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    args.cpus = args.cpus or ",".join(map(str, cores))
+    args.decode_cpu = cores[0] if args.decode_cpu is None else args.decode_cpu
+    args.configs = CONFIGS
+    args.decode_threads = len(cores)  # the service's default decode pool, per worker
+    args.loop_concurrency = 16
+    args.decode_repeat = 5
+    if args.quick:
+        args.seconds, args.repeat, args.decode_repeat = 1.0, 1, 1
+        args.configs = [(1, 2), (2, 1)]
+        args.concurrency = [1, 16]
+        args.loop_concurrency = 4
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    args.bodies = {label: photo_bodies(args.cache, label) for label in SIZES}
+    from app.bundle import load_bundle
+    from app.preprocess import Preprocessor
+
+    load_before = os.getloadavg()[0]
+    bundle = load_bundle(args.model)
+    preprocessor = Preprocessor(bundle.manifest.input)
+    with pinned(args.decode_cpu):
+        decode = {
+            label: decode_costs(preprocessor, read_bodies(directory), args.decode_repeat)
+            for label, directory in args.bodies.items()
+        }
+    variants = [v for v in ("fp32", "int8") if v in bundle.manifest.variants]
+    ceilings = {
+        variant: {config_name(w, t): ceiling(args, variant, w, t) for w, t in args.configs}
+        for variant in variants
+    }
+    served, by_size, caps = measure_served(args)
+    results = {
+        "model": f"{bundle.manifest.name}/{bundle.manifest.version}",
+        "cpus": args.cpus,
+        "seconds": args.seconds,
+        "repeat": args.repeat,
+        "main_size": MAIN_SIZE,
+        "loop_concurrency": args.loop_concurrency,
+        "decode": decode,
+        "ceilings": ceilings,
+        "served": served,
+        "loop_by_size": by_size,
+        "batching": caps,
+        # the 1-minute load average before and after: how shared the machine was
+        "load_average": [load_before, os.getloadavg()[0]],
+    }
+    text = report(results)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    (args.out / f"photos-{stamp}.md").write_text(text + "\n")
+    (args.out / f"photos-{stamp}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
