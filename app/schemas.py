@@ -56,7 +56,7 @@ class Batching(BaseModel):
     policy: str = Field(description="measured or max (BLINK_BATCH_POLICY)")
     batch_cap: int = Field(description="The batcher's largest batch, chosen at warm-up")
     seconds_per_batch: dict[str, float] = Field(
-        description="Median seconds per batch at each timed batch size, measured at warm-up"
+        description="Seconds per batch at each timed batch size (fastest run), measured at warm-up"
     )
 
 
