@@ -18,8 +18,10 @@ ARG MODEL_NAME=fashion-mnist
 FROM ${WHEELS_IMAGE} AS wheels
 
 # A virtual environment on the base's Python: the same layout whatever the base image.
+# VIRTUAL_ENV makes scripts/setup.sh install into it rather than into a .venv of its own.
 FROM ${BASE_IMAGE} AS python
-ENV PATH=/opt/venv/bin:$PATH \
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -40,10 +42,12 @@ ARG MODEL_NAME
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY scripts/setup.sh scripts/
+COPY requirements/ requirements/
+COPY scripts/setup.sh scripts/venv.sh scripts/
 COPY app/ app/
 COPY models/ models/
-# The same set-up as on a developer's machine: Debian's dataset package, torch (CPU), the extras.
+# The same set-up as on a developer's machine: Debian's dataset package, torch (CPU), then the
+# build extra exactly as requirements/build.txt locks it (hashes checked).
 RUN --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=cache,target=/root/.cache/pip \
     bash scripts/setup.sh --build
@@ -64,7 +68,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=bind,target=/tmp/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install "/tmp/src[loadtest]"
+    pip install --require-hashes --no-deps -r /tmp/src/requirements/loadtest.txt \
+    && pip install --no-deps /tmp/src \
+    && pip check
 COPY loadtest/ loadtest/
 EXPOSE 8089
 CMD ["locust", "-f", "loadtest/locustfile.py", "--host", "http://blink:8000"]
@@ -124,10 +130,13 @@ CMD ["blink", "serve"]
 FROM python AS runtime
 ARG MODEL_NAME
 WORKDIR /srv/blink
-# Only the runtime dependencies (`pip install .`, no torch); the source is not kept in the image.
+# Only the runtime dependencies, exactly as requirements/runtime.txt locks them (no torch); the
+# source is not kept in the image.
 RUN --mount=type=bind,target=/tmp/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install /tmp/src \
+    pip install --require-hashes --no-deps -r /tmp/src/requirements/runtime.txt \
+    && pip install --no-deps /tmp/src \
+    && pip check \
     && useradd --system --uid 10001 --user-group --no-create-home --home-dir /srv/blink blink
 COPY --from=build /src/models/repository/ models/
 ENV BLINK_MODEL=/srv/blink/models/${MODEL_NAME} \

@@ -119,6 +119,8 @@ def build(argv: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from app.settings import DEVICES, VARIANTS
+
     root = argparse.ArgumentParser(prog="blink", description="Blink image classification service")
     commands = root.add_subparsers(dest="command")
     run = commands.add_parser("serve", help="serve a model bundle over HTTP")
@@ -126,8 +128,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--host")
     run.add_argument("--port", type=int)
     run.add_argument("--workers", type=int)
-    run.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"])
-    run.add_argument("--variant", choices=["auto", "fp32", "int8", "fp16"])
+    run.add_argument("--device", choices=DEVICES)
+    run.add_argument("--variant", choices=VARIANTS)
     commands.add_parser("build", help="train, quantize and export a model bundle", add_help=False)
     return root
 
