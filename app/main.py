@@ -125,10 +125,14 @@ class BlinkApp:
 
 
 async def refuse_to_start(receive: Receive, send: Send) -> None:
-    """Fail the lifespan startup: the server logs the message and exits (raising here would
-    make uvicorn treat lifespan as unsupported and serve anyway)."""
+    """Fail the lifespan startup, so that the server exits with the message.
+
+    Both steps are needed: uvicorn exits on `startup.failed` (an exception alone reads to it as
+    "lifespan unsupported", and it would serve anyway); in-process runners act on the exception.
+    """
     await receive()  # lifespan.startup
     await send({"type": "lifespan.startup.failed", "message": MIDDLEWARE_REFUSED})
+    raise RuntimeError(MIDDLEWARE_REFUSED)
 
 
 def create_app(settings: Settings | None = None) -> BlinkApp:

@@ -46,12 +46,12 @@ async def running_app(
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://blink") as client:
             if wait_ready:
-                await _wait_ready(client, timeout=READY_TIMEOUT_S)
+                await wait_until_ready(client, timeout=READY_TIMEOUT_S)
             client.app = app  # type: ignore[attr-defined]
             yield client
 
 
-async def _wait_ready(client: httpx.AsyncClient, timeout: float) -> None:
+async def wait_until_ready(client: httpx.AsyncClient, timeout: float) -> None:
     """Poll /readyz; fail the test, saying what the app answered, if it never becomes ready."""
     deadline = time.monotonic() + timeout
     while (response := await client.get("/readyz")).status_code != 200:
