@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates the lock files in requirements/ from pyproject.toml: every package pinned with its
 # hashes, for Python 3.11 on Linux x86-64. Run it after changing a dependency, commit the result.
+# Run it with the oldest Python the locks must install on, Debian 12's python3 (3.11.2): some
+# releases need a later 3.11 (pymdown-extensions 13 needs 3.11.5), and a lock made on a newer
+# Python picks them. `PYTHON=/usr/bin/python3 bash scripts/setup.sh` makes such a .venv.
 #   bash scripts/lock.sh                   keep the locked versions that still satisfy pyproject
 #   bash scripts/lock.sh --upgrade         move everything to the newest allowed versions
 # torch is left out of the hashes (listed as "unsafe" at the end of each file) because its CPU
@@ -10,6 +13,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
+"$PYTHON" - <<'CHECK'
+import sys
+if sys.version_info[:2] != (3, 11):
+    sys.exit(f"lock.sh: the locks are for CPython 3.11; {sys.executable} is {sys.version.split()[0]}")
+if sys.version_info[2] > 2:
+    print(f"lock.sh: {sys.version.split()[0]} is newer than Debian 12's 3.11.2: the locks may pick "
+          "releases that need it", file=sys.stderr)
+CHECK
 compile() {  # compile OUTPUT [EXTRA...]
   local out="$1"; shift
   local extras=(); for extra in "$@"; do extras+=(--extra "$extra"); done
