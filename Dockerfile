@@ -10,6 +10,8 @@
 #                        gigabytes of CUDA libraries the CPU build stage never uses
 #   WHEELS_IMAGE         an image with extra wheels at / (pip's find-links), for builds that
 #                        cannot reach PyTorch's index
+# Packages come from the lock files in requirements/ (exact versions, hashes checked), so an image
+# built later has the same ones; torch is pinned by version (docs/development.md explains why).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG GPU_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG WHEELS_IMAGE=scratch
