@@ -10,6 +10,8 @@
 #                        gigabytes of CUDA libraries the CPU build stage never uses
 #   WHEELS_IMAGE         an image with extra wheels at / (pip's find-links), for builds that
 #                        cannot reach PyTorch's index
+# Packages come from the lock files in requirements/ (exact versions, hashes checked), so an image
+# built later has the same ones; torch is pinned by version (docs/development.md explains why).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG GPU_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG WHEELS_IMAGE=scratch
@@ -18,8 +20,10 @@ ARG MODEL_NAME=fashion-mnist
 FROM ${WHEELS_IMAGE} AS wheels
 
 # A virtual environment on the base's Python: the same layout whatever the base image.
+# VIRTUAL_ENV makes scripts/setup.sh install into it rather than into a .venv of its own.
 FROM ${BASE_IMAGE} AS python
-ENV PATH=/opt/venv/bin:$PATH \
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -40,10 +44,12 @@ ARG MODEL_NAME
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY scripts/setup.sh scripts/
+COPY requirements/ requirements/
+COPY scripts/setup.sh scripts/venv.sh scripts/
 COPY app/ app/
 COPY models/ models/
-# The same set-up as on a developer's machine: Debian's dataset package, torch (CPU), the extras.
+# The same set-up as on a developer's machine: Debian's dataset package, torch (CPU), then the
+# build extra exactly as requirements/build.txt locks it (hashes checked).
 RUN --mount=type=bind,from=wheels,target=/wheels \
     --mount=type=cache,target=/root/.cache/pip \
     bash scripts/setup.sh --build
@@ -64,7 +70,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=bind,target=/tmp/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install "/tmp/src[loadtest]"
+    pip install --require-hashes --no-deps -r /tmp/src/requirements/loadtest.txt \
+    && pip install --no-deps /tmp/src \
+    && pip check
 COPY loadtest/ loadtest/
 EXPOSE 8089
 CMD ["locust", "-f", "loadtest/locustfile.py", "--host", "http://blink:8000"]
@@ -124,10 +132,13 @@ CMD ["blink", "serve"]
 FROM python AS runtime
 ARG MODEL_NAME
 WORKDIR /srv/blink
-# Only the runtime dependencies (`pip install .`, no torch); the source is not kept in the image.
+# Only the runtime dependencies, exactly as requirements/runtime.txt locks them (no torch); the
+# source is not kept in the image.
 RUN --mount=type=bind,target=/tmp/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install /tmp/src \
+    pip install --require-hashes --no-deps -r /tmp/src/requirements/runtime.txt \
+    && pip install --no-deps /tmp/src \
+    && pip check \
     && useradd --system --uid 10001 --user-group --no-create-home --home-dir /srv/blink blink
 COPY --from=build /src/models/repository/ models/
 ENV BLINK_MODEL=/srv/blink/models/${MODEL_NAME} \

@@ -125,6 +125,8 @@ def import_model(argv: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from app.settings import DEVICES, VARIANTS
+
     root = argparse.ArgumentParser(prog="blink", description="Blink image classification service")
     commands = root.add_subparsers(dest="command")
     run = commands.add_parser("serve", help="serve a model bundle over HTTP")
@@ -132,8 +134,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--host")
     run.add_argument("--port", type=int)
     run.add_argument("--workers", type=int)
-    run.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"])
-    run.add_argument("--variant", choices=["auto", "fp32", "int8", "fp16"])
+    run.add_argument("--device", choices=DEVICES)
+    run.add_argument("--variant", choices=VARIANTS)
     commands.add_parser("build", help="train, quantize and export a model bundle", add_help=False)
     commands.add_parser(
         "import", help="turn an ONNX image classifier into a model bundle", add_help=False

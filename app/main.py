@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import BlinkError, InvalidParameter, error_body
 from app.metrics import ServiceMetrics, mark_worker_exit
 from app.openapi import build_openapi
-from app.routes import health, metrics, models
+from app.routes import health, metrics, models, page
 from app.routes.classify import ROUTE as CLASSIFY_ROUTE
 from app.routes.classify import ClassifyRoute, classify
 from app.service import ModelService
@@ -25,6 +27,18 @@ from app.v2.routes import INFER_ROUTE, infer_asgi
 from app.v2.routes import router as v2_router
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+MIDDLEWARE_REFUSED = (
+    "middleware added to the FastAPI app would not see POST /classify or V2 infer, which BlinkApp "
+    "answers before FastAPI: add it with BlinkApp.add_middleware (docs/development.md)"
+)
+
+
+def package_version() -> str:
+    """The installed package's version: pyproject.toml is the one place it is written."""
+    try:
+        return version("blink")
+    except PackageNotFoundError:  # a source tree run without installing it
+        return "0+unknown"
 
 
 @asynccontextmanager
@@ -75,13 +89,29 @@ class BlinkApp:
     For a small CNN the framework layers cost more than inference (bench/run.py measures it),
     so the hot path skips FastAPI's middleware stack; the same handler stays mounted as a
     Starlette route (OpenAPI, other methods -> 405, mounts under a root path).
+
+    The rule that follows: anything that must apply to every route (auth, CORS, tracing) is
+    added here, with `add_middleware`, never on the FastAPI app. A middleware on the FastAPI app
+    would silently miss the hot routes, so the app refuses to start with one (the lifespan
+    startup fails with MIDDLEWARE_REFUSED).
     """
 
     def __init__(self, api: FastAPI) -> None:
         self.api = api
         self.state = api.state
+        self._entry: ASGIApp = self._route
+
+    def add_middleware(self, middleware_class: Any, *args: Any, **kwargs: Any) -> None:
+        """Wrap every route, /classify and V2 infer included, in an ASGI middleware.
+
+        Starlette-style: `middleware_class(app, *args, **kwargs)`; the last added runs first.
+        """
+        self._entry = middleware_class(self._entry, *args, **kwargs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             if scope["path"] == "/classify":
                 return await classify(self.state.service, scope, receive, send)
@@ -89,13 +119,26 @@ class BlinkApp:
                 self.state.service, scope, receive, send
             ):
                 return None
+        elif scope["type"] == "lifespan" and self.api.user_middleware:
+            return await refuse_to_start(receive, send)
         await self.api(scope, receive, send)
+
+
+async def refuse_to_start(receive: Receive, send: Send) -> None:
+    """Fail the lifespan startup, so that the server exits with the message.
+
+    Both steps are needed: uvicorn exits on `startup.failed` (an exception alone reads to it as
+    "lifespan unsupported", and it would serve anyway); in-process runners act on the exception.
+    """
+    await receive()  # lifespan.startup
+    await send({"type": "lifespan.startup.failed", "message": MIDDLEWARE_REFUSED})
+    raise RuntimeError(MIDDLEWARE_REFUSED)
 
 
 def create_app(settings: Settings | None = None) -> BlinkApp:
     app = FastAPI(
         title="Blink",
-        version="0.1.0",
+        version=package_version(),
         description="Low-latency image classification with dynamic micro-batching.",
         lifespan=lifespan,
         exception_handlers={
@@ -107,7 +150,7 @@ def create_app(settings: Settings | None = None) -> BlinkApp:
     )
     app.state.settings = settings or get_settings()
     app.router.routes.append(Route("/classify", ClassifyRoute(), methods=["POST"], name="classify"))
-    for router in (health.router, models.router, metrics.router):
+    for router in (page.router, health.router, models.router, metrics.router):
         app.include_router(router)
     app.include_router(v2_router)  # the Open Inference Protocol (KServe V2)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +14,9 @@ from app.batch_policy import BatchPolicy
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 Variant = Literal["auto", "fp32", "int8", "fp16"]
+# The one list of each: `blink serve --device/--variant` offers exactly these.
+DEVICES: tuple[str, ...] = get_args(Device)
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 class Settings(BaseSettings):

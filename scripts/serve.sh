@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
 if [ ! -e models/repository/fashion-mnist/latest ]; then
-  echo "No model bundle yet: building the default Fashion-MNIST model (about 10 minutes on two cores)..."
+  echo "No model bundle yet: building the default Fashion-MNIST model (docs/build.md)..."
   blink build
 fi
 exec blink serve "$@"

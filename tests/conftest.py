@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -20,6 +21,7 @@ from loadtest.processes import free_port, stop_process
 from tests.onnx_models import write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(scope="session")
@@ -44,18 +46,21 @@ async def running_app(
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://blink") as client:
             if wait_ready:
-                for _ in range(600):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await _sleep(0.01)
+                await wait_until_ready(client, timeout=READY_TIMEOUT_S)
             client.app = app  # type: ignore[attr-defined]
             yield client
 
 
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
+async def wait_until_ready(client: httpx.AsyncClient, timeout: float) -> None:
+    """Poll /readyz; fail the test, saying what the app answered, if it never becomes ready."""
+    deadline = time.monotonic() + timeout
+    while (response := await client.get("/readyz")).status_code != 200:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the app was not ready after {timeout:g} s: "
+                f"/readyz answered {response.status_code} {response.text}"
+            )
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -80,6 +85,8 @@ def live_server(
         yield url
     finally:
         stop_process(process)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def spawn_server(
@@ -112,3 +119,25 @@ def wait_for(url: str, path: str, process: subprocess.Popen, timeout: float) -> 
                 return
         time.sleep(0.05)
     raise TimeoutError(f"{url}{path} not 200 after {timeout}s")
+
+
+# The unit tier (`pytest -m unit`, under 30 s): one module's logic each (batching policy, V2
+# codec, preprocessing, bundle checks, metrics parity, the settings table), no build and no
+# load; run it after every change. Marked here, in one list, so the tier is seen in one place.
+UNIT_MODULES = frozenset(
+    {
+        "test_batching",
+        "test_v2_codec",
+        "test_preprocess",
+        "test_bundle",
+        "test_metrics",
+        "test_settings_table",
+        "test_lock",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)

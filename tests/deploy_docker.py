@@ -282,7 +282,8 @@ def docker_import(docker: Docker, tag: str, write_tar: Callable[[IO[bytes]], Non
     assert process.stdin is not None and process.stdout is not None
     with process.stdin:
         write_tar(process.stdin)
-    output = process.stdout.read().decode(errors="replace")
+    with process.stdout:
+        output = process.stdout.read().decode(errors="replace")
     if process.wait(timeout=600) != 0:
         raise RuntimeError(f"docker import {tag} failed:\n{output}")
 

@@ -108,7 +108,9 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits(slow_bund
         if process.poll() is None:
             process.kill()
             process.wait()
-    output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+    assert process.stdout is not None  # spawn_server pipes it
+    with process.stdout:
+        output = process.stdout.read().decode(errors="replace")
     statuses = [getattr(r, "status_code", repr(r)) for r in outcome["responses"]]
     assert statuses == [200] * REQUESTS, output[-3000:]
     assert outcome["unserved_while_draining"], "the queue emptied before new connections stopped"

@@ -208,6 +208,7 @@ def fake_workers(directory, *ready: str) -> Iterator[list[subprocess.Popen]]:
     finally:
         for worker in workers:
             stop_process(worker)
+            worker.stdout.close()
 
 
 def test_readiness_counts_live_warmed_workers(tmp_path, monkeypatch):
