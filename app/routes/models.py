@@ -33,5 +33,6 @@ async def list_models(request: Request) -> dict:
                 "max_batch_size": service.settings.max_batch_size,
                 "metrics": manifest.metrics,
             }
-        ]
+        ],
+        "workers": service.workers(),
     }

@@ -1,0 +1,205 @@
+"""Model reload without a restart: a new version is loaded, verified and warmed up beside the
+serving one, then swapped in with one assignment.
+
+`app.state.service` is the serving `ModelService`. Every request reads it once, at arrival, and
+keeps that object to its end, so requests in flight finish on the version they started on; the
+replaced version stops taking requests at the swap, drains its queue and closes. A version that
+fails to load (manifest, hashes, ONNX Runtime) or to warm up is logged, counted in
+`blink_model_reloads_total{result}` and dropped; the serving one never stops.
+
+Triggers, all of which end in `ModelHost.reload`: SIGHUP to the worker process, the admin
+endpoint (app/routes/admin.py, off unless a token is set) and, every `watch_interval_s`, a look at
+where the repository's `latest` pointer leads. Each worker process reloads on its own; with
+several workers the watcher is what moves them all (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.bundle import MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
+from app.engine import EngineError
+from app.metrics import ServiceMetrics
+from app.service import ModelService
+from app.settings import Settings
+
+log = logging.getLogger("blink.reload")
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    result: str  # one of app.metrics.RELOAD_RESULTS
+    version: str  # the version serving after the attempt
+    previous: str
+    seconds: float
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "result": self.result,
+            "version": self.version,
+            "previous": self.previous,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+
+class ModelHost:
+    """Owns which version serves (`state.service`) and the versions still draining."""
+
+    def __init__(self, state, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.state = state
+        self.settings = settings
+        self.metrics = metrics
+        self._lock = asyncio.Lock()  # one reload at a time
+        self._draining: set[ModelService] = set()
+        self._retirements: set[asyncio.Task] = set()
+        # The last target that failed, with its manifest's mtime: the watcher does not retry it
+        # every interval, only once it changes (or the pointer moves on).
+        self._failed: tuple[Path, float] | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def current(self) -> ModelService:
+        return self.state.service
+
+    def install(self, service: ModelService) -> None:
+        """The first version, at start-up (before its warm-up)."""
+        self.state.service = service
+        service.publish()
+        # Single-process, prometheus_client reads these at scrape time: requests pay nothing.
+        self.metrics.watch(
+            lambda: sum(s.batcher.queue_depth for s in self._live()),
+            lambda: sum(s.active_requests for s in self._live()),
+        )
+
+    def _live(self) -> list[ModelService]:
+        return [self.current, *self._draining]
+
+    # -- reloading --------------------------------------------------------------------------
+
+    async def reload(self, trigger: str) -> ReloadOutcome:
+        """Load what `settings.model` names now and swap it in if it is new and it warms up."""
+        async with self._lock:
+            return await self._reload(trigger)
+
+    async def _reload(self, trigger: str) -> ReloadOutcome:
+        started = time.perf_counter()
+        current = self.current
+        previous = current.model_fields["version"]
+
+        def outcome(result: str, error: str | None = None) -> ReloadOutcome:
+            self.metrics.reloads.labels(result).inc()
+            done = ReloadOutcome(
+                result, self.current.model_fields["version"], previous,
+                time.perf_counter() - started, error,
+            )  # fmt: skip
+            level = logging.WARNING if error else logging.INFO
+            log.log(level, "reload", extra={"trigger": trigger, **done.as_dict()})
+            return done
+
+        loop = asyncio.get_running_loop()
+        try:
+            # Reading hashes and opening the ONNX Runtime session take a while: off the loop.
+            bundle = await loop.run_in_executor(None, load_bundle, self.settings.model)
+            if self._serving(bundle.directory, bundle.manifest.version, current):
+                return outcome("unchanged")
+            candidate = await loop.run_in_executor(
+                None, ModelService, self.settings, self.metrics, bundle
+            )
+        except (BundleError, EngineError, OSError) as exc:
+            self._remember_failure()
+            return outcome("load_failed", str(exc))
+        try:
+            await candidate.warm_up(raise_errors=True)
+        except Exception as exc:
+            self._remember_failure()
+            await candidate.close()
+            return outcome("warm_up_failed", str(exc))
+        self._swap(candidate)
+        self._failed = None
+        return outcome("success")
+
+    def _serving(self, directory: Path, version: str, current: ModelService) -> bool:
+        return (
+            directory.resolve() == current.bundle.directory.resolve()
+            and version == current.model_fields["version"]
+            and current.warm_up_error is None
+        )
+
+    def _swap(self, candidate: ModelService) -> None:
+        old = self.current
+        self.state.service = candidate  # the swap: requests arriving from now on take the new one
+        old.unpublish()
+        candidate.publish()
+        self._draining.add(old)
+        task = asyncio.create_task(self._retire(old))
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
+
+    async def _retire(self, old: ModelService) -> None:
+        """Let the old version answer everything it accepted, then free it."""
+        try:
+            await old.close()
+        finally:
+            self._draining.discard(old)
+            log.info("retired", extra={"version": old.model_fields["version"]})
+
+    def _remember_failure(self) -> None:
+        with contextlib.suppress(BundleError, OSError):
+            directory = resolve_bundle_dir(self.settings.model)
+            self._failed = (directory, (directory / MANIFEST_FILE).stat().st_mtime)
+
+    # -- triggers ---------------------------------------------------------------------------
+
+    def pointer_moved(self) -> bool:
+        """Whether `settings.model` now leads to another bundle than the serving one."""
+        try:
+            directory = resolve_bundle_dir(self.settings.model)
+            mtime = (directory / MANIFEST_FILE).stat().st_mtime
+        except (BundleError, OSError):
+            return False  # mid-move or gone: the next look decides
+        if self._failed == (directory, mtime):
+            return False
+        return directory.resolve() != self.current.bundle.directory.resolve()
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.pointer_moved():
+                await self.reload("watch")
+
+    def request_reload(self, trigger: str) -> None:
+        """Start a reload in the background (from a signal handler)."""
+        task = asyncio.create_task(self.reload(trigger))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    def start(self) -> None:
+        """Arm the triggers this process has: the watcher (if set) and SIGHUP."""
+        if self.settings.watch_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self.watch(self.settings.watch_interval_s)))
+        # Only the main thread may own signal handlers (in-process test apps run elsewhere too).
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, self.request_reload, "signal"
+            )
+            self._signal = True
+            log.debug("SIGHUP reloads the model", extra={"pid": os.getpid()})
+
+    async def close(self) -> None:
+        if getattr(self, "_signal", False):
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.current.close()
+        await asyncio.gather(*self._retirements, return_exceptions=True)
