@@ -20,17 +20,21 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from app.bundle import MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
-from app.engine import EngineError
 from app.metrics import ServiceMetrics
 from app.service import ModelService
 from app.settings import Settings
 
 log = logging.getLogger("blink.reload")
+T = TypeVar("T")
+BACKGROUND_NICE = 10  # a reload's thread gets roughly a tenth of a core the serving one wants
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,44 @@ class ReloadOutcome:
             "seconds": round(self.seconds, 3),
             "error": self.error,
         }
+
+
+def in_thread(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    return asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+def low_priority(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """Run `function` in a thread of its own at a lower CPU priority than the serving threads.
+
+    On Linux a nice value set by thread id applies to that thread alone, and cannot be lowered
+    again without privileges: hence a fresh thread each time, never one from a shared pool.
+    With one ONNX Runtime thread the session computes in its caller, so a warm-up here yields
+    the core to the version serving; with more, the session's own threads (made at normal
+    priority by `in_thread`) do the work.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():  # cancelled: shutting down
+            return
+        if error is None:
+            future.set_result(result)  # type: ignore[arg-type]
+        else:
+            future.set_exception(error)
+
+    def work() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        try:
+            result = function(*args)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="blink-reload", daemon=True).start()
+    return future
 
 
 class ModelHost:
@@ -105,24 +147,24 @@ class ModelHost:
             log.log(level, "reload", extra={"trigger": trigger, **done.as_dict()})
             return done
 
-        loop = asyncio.get_running_loop()
+        # Hashing, opening the session and warming up take CPU the serving version needs.
+        background = low_priority if self.settings.intra_op_threads() == 1 else in_thread
         try:
-            # Reading hashes and opening the ONNX Runtime session take a while: off the loop.
-            bundle = await loop.run_in_executor(None, load_bundle, self.settings.model)
+            bundle = await background(load_bundle, self.settings.model)
             if self._serving(bundle.directory, bundle.manifest.version, current):
                 return outcome("unchanged")
-            candidate = await loop.run_in_executor(
-                None, ModelService, self.settings, self.metrics, bundle
-            )
-        except (BundleError, EngineError, OSError) as exc:
+            candidate = await background(ModelService, self.settings, self.metrics, bundle)
+        except Exception as exc:  # BundleError, EngineError, OSError; whatever it is, not served
             self._remember_failure()
             return outcome("load_failed", str(exc))
         try:
-            await candidate.warm_up(raise_errors=True)
+            await background(candidate.warm_up_engine)
         except Exception as exc:
+            candidate.warm_up_error = str(exc)
             self._remember_failure()
             await candidate.close()
             return outcome("warm_up_failed", str(exc))
+        candidate.mark_ready(started)
         self._swap(candidate)
         self._failed = None
         return outcome("success")

@@ -136,20 +136,21 @@ class ModelService:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    async def warm_up(self, *, raise_errors: bool = False) -> None:
-        """Run every batch size once; ready after. A failure is kept (and raised, if asked)."""
+    async def warm_up(self) -> None:
+        """At start-up: run every batch size once, then ready. A failure is kept for /readyz."""
         started = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._warm_up_engine)
+            await asyncio.get_running_loop().run_in_executor(None, self.warm_up_engine)
         except Exception as exc:  # never ready; /readyz says why
             self.warm_up_error = str(exc)
             log.exception("warm-up failed", extra={"version": self.model_fields["version"]})
-            if raise_errors:
-                raise
             return
         # Objects alive now live for the whole process: keep the collector from rescanning them.
         gc.collect()
         gc.freeze()
+        self.mark_ready(started)
+
+    def mark_ready(self, started: float) -> None:
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
@@ -160,7 +161,8 @@ class ModelService:
             },
         )
 
-    def _warm_up_engine(self) -> None:
+    def warm_up_engine(self) -> None:
+        """Every batch size once, and one answer checked against the labels (any thread)."""
         self.engine.warm_up()
         # One answer checked against the labels: a model whose outputs do not match them would
         # fail (or mislabel) every request, so it must not become ready.
