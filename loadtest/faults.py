@@ -13,6 +13,8 @@ Rows (each starts its own server on 127.0.0.1, bounded in time):
   those the killed worker held;
 - reload: a new version swapped in at c=64: no failed request, answers move to the new version,
   p99 around the swap against p99 before it;
+- reload-workers: the same with BLINK_WORKERS=2 and the pointer watcher: every worker moves, and
+  /readyz lists which version each serves on the way;
 - broken: three broken new versions (bad hash, not ONNX, failing warm-up) at c=64: none replaces
   the serving one, no failed request;
 - soak: c=32 for --soak-seconds: RSS growth < 10%, p99 drift (last tenth / first tenth) < 1.5x;
@@ -337,20 +339,25 @@ def row_sigkill(c: Campaign) -> Row:
         load, _ = run(load_while(srv.port, c.connections, script))
         after = ready_pids(srv)
     kill = events["kill"]
-    lost = failed(load.samples)
-    after_kill = window(load.samples, kill, kill + 1)
-    served_after = sum(1 for s in after_kill if s.status == 200)
+    bad = [s for s in load.samples if s.status != 200]
+    # In flight at the kill: the killed worker's share of them is all it may lose. Sent after
+    # it: written to a connection whose worker was already dead, so never accepted by anyone.
+    in_flight = [s for s in bad if s.sent < kill]
+    sent_after = [s for s in bad if s.sent >= kill]
+    served_after = sum(1 for s in window(load.samples, kill, kill + 1) if s.status == 200)
     replaced_s = events.get("replaced", float("inf")) - kill
     bound = int(events["in_flight"])
-    kinds = dict(statuses([s for s in load.samples if s.status != 200]))
     return Row(
-        "worker SIGKILLed under load", f"c={c.connections}, 2 workers", len(load.samples), lost,
-        f"lost {lost} {kinds or ''} (≤ {bound} in flight at the kill, both workers); "
-        f"{served_after} answered 200 in the next second; replaced and warm after "
-        f"{replaced_s:.1f} s; workers {sorted(before)} → {sorted(after)}",
-        "lost ≤ the killed worker's in-flight; the other serves; replaced",
-        lost <= bound and served_after > 0 and replaced_s < 60
-        and all(s.status in (200, LOST) for s in load.samples),
+        "worker SIGKILLed under load", f"c={c.connections}, 2 workers", len(load.samples),
+        len(bad),
+        f"{len(in_flight)} lost in flight at the kill (of {bound} in flight on both workers); "
+        f"{len(sent_after)} written after it to the dead worker's connections (never accepted); "
+        f"kinds {dict(statuses(bad))}; {served_after} answered 200 in the next second; "
+        f"replacement warm and listed after {replaced_s:.1f} s; workers {sorted(before)} → "
+        f"{sorted(after)}",
+        "only the killed worker's in-flight lost; the other serves; replaced",
+        len(in_flight) <= bound and served_after > 0 and replaced_s < 60
+        and all(s.status == LOST for s in bad),
     )  # fmt: skip
 
 
@@ -394,6 +401,44 @@ def row_reload(c: Campaign) -> Row:
         "0 failed; p99 rise ≤ the new version's load + warm-up time",
         outcome["result"] == "success" and failed(load.samples) == 0 and moved
         and rise <= 1000 * outcome["seconds"],
+    )  # fmt: skip
+
+
+def row_reload_workers(c: Campaign) -> Row:
+    repo = c.repository("reload-workers", "v1", "v2")
+    settings = {"workers": 2, "watch_interval_s": 0.5}
+    with server(repo, c.out, c.server_cpu, "reload-workers", **settings) as srv:
+        marks: dict[str, float] = {}
+        seen: list[list[str]] = []  # each worker's version, as /readyz listed them
+
+        async def script(load: Load):
+            await asyncio.sleep(3)
+            point_latest(repo, "v2")
+            marks["moved"] = time.monotonic()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                response = await asyncio.to_thread(srv.get, "/readyz")
+                versions = [w["version"] for w in response.json()["workers"]]
+                if not seen or seen[-1] != versions:
+                    seen.append(versions)
+                if versions == ["v2", "v2"]:
+                    marks["all"] = time.monotonic()
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2)
+            return None
+
+        load, _ = run(load_while(srv.port, c.connections, script))
+        counted = reload_counts(srv)
+    moved_s = marks.get("all", float("inf")) - marks["moved"]
+    after = {s.version for s in load.samples if s.sent > marks.get("all", 0) and s.status == 200}
+    return Row(
+        "reload under load, every worker", f"c={c.connections}, 2 workers, watcher 0.5 s",
+        len(load.samples), failed(load.samples),
+        f"both workers on v2 {moved_s:.1f} s after `latest` moved; /readyz listed "
+        f"{' → '.join('/'.join(v) for v in seen)}; counted {counted}",
+        "0 failed; every worker moves; /readyz names each one's version",
+        failed(load.samples) == 0 and moved_s < 60 and after == {b"v2"},
     )  # fmt: skip
 
 
@@ -530,6 +575,7 @@ ROWS: dict[str, Callable[[Campaign], Row | list[Row]]] = {
     "sigterm": row_sigterm,
     "sigkill": row_sigkill,
     "reload": row_reload,
+    "reload-workers": row_reload_workers,
     "broken": row_broken,
     "soak": row_soak,
     "fuzz": row_fuzz,
