@@ -165,7 +165,7 @@ class ServiceMetrics:
         # model_info's "max" merges workers; this one keeps a series per worker (its pid), so a
         # reload in progress shows which worker serves which version.
         self.worker_model = Gauge(
-            "blink_worker_model",
+            "blink_worker_model_info",
             "1 for the model version this worker process serves.",
             ["name", "version"],
             registry=reg,
@@ -255,7 +255,7 @@ def worker_models() -> list[dict]:
         if not process_alive(pid):
             continue
         for metric in multiprocess.MultiProcessCollector.merge([str(path)], accumulate=False):
-            if metric.name == "blink_worker_model":
+            if metric.name == "blink_worker_model_info":
                 served += [
                     {"pid": pid, "name": s.labels["name"], "version": s.labels["version"]}
                     for s in metric.samples
