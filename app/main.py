@@ -36,10 +36,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.request_duration.labels(route)
         metrics.requests.labels(route, "200")
     settings = app.state.settings
-    service = ModelService(settings, metrics)
     host = app.state.host = ModelHost(app.state, settings, metrics)
-    host.install(service)  # app.state.service: the version each request takes at arrival
-    warm_up = asyncio.create_task(service.warm_up())
+    # app.state.service: the version each request takes at arrival. No other reference here, so
+    # that a reload can free it.
+    host.install(ModelService(settings, metrics))
+    warm_up = asyncio.create_task(host.current.warm_up())
     if settings.workers > 1:
         # A worker takes connections only once warm, so one that replaces a dead worker (or a
         # rolling restart's) never answers "not ready" while the others could serve.

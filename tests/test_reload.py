@@ -10,8 +10,11 @@ and is counted with its result.
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import signal
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -181,8 +184,6 @@ def test_sighup_reloads_a_running_server(bundle_dir, tmp_path):
         )
         point_latest(repo, "2")
         pid = httpx.get(url + "/readyz").json()["workers"][0]["pid"]
-        import os
-
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -215,3 +216,23 @@ def test_every_worker_moves_and_says_which_version_it_serves(bundle_dir, tmp_pat
     assert [w["version"] for w in workers] == ["2", "2"]
     assert value(samples, "blink_model_reloads_total", result="success") == 2
     assert answers == {"2"}
+
+
+async def test_a_retired_version_is_freed(bundle_dir, tmp_path):
+    """The first version is frozen out of the collector's reach at start-up (gc.freeze): its
+    session must still be freed once a reload has replaced it and it has drained."""
+    repo = repository(tmp_path, bundle_dir, "1", "2", "3")
+    async with running_app(Settings(model=repo, threads=1)) as client:
+        host = client.app.state.host
+        retired = []
+        for version in ("2", "3"):
+            retired.append(weakref.ref(host.current))
+            point_latest(repo, version)
+            assert (await host.reload("test")).result == "success"
+        for _ in range(200):
+            if not host._draining:
+                break
+            await asyncio.sleep(0.01)
+        gc.collect()
+        assert [ref() for ref in retired] == [None, None]
+        assert await classify(client) == (200, "3")
