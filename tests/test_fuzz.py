@@ -28,7 +28,7 @@ from tests.images import encode, grey, rgb
 from tests.malformed import png_header_only
 from tests.metrics_text import scrape, value
 
-EXAMPLES = int(os.environ.get("BLINK_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("BLINK_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,  # a hang is caught by the client's timeout, not by Hypothesis' timer
