@@ -44,6 +44,7 @@ class ReloadOutcome:
     version: str  # the version serving after the attempt
     previous: str
     seconds: float
+    cpu_seconds: float  # what loading and warming the new version cost in CPU
     error: str | None = None
 
     def as_dict(self) -> dict:
@@ -52,8 +53,22 @@ class ReloadOutcome:
             "version": self.version,
             "previous": self.previous,
             "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
             "error": self.error,
         }
+
+
+def cpu_timed(function: Callable[..., T], total: list[float]) -> Callable[..., T]:
+    """`function`, adding the CPU time of its thread to `total[0]`."""
+
+    def timed(*args: object) -> T:
+        started = time.thread_time()
+        try:
+            return function(*args)
+        finally:
+            total[0] += time.thread_time() - started
+
+    return timed
 
 
 def in_thread(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
@@ -138,18 +153,24 @@ class ModelHost:
         current = self.current
         previous = current.model_fields["version"]
 
+        cpu = [0.0]
+
         def outcome(result: str, error: str | None = None) -> ReloadOutcome:
             self.metrics.reloads.labels(result).inc()
             done = ReloadOutcome(
                 result, self.current.model_fields["version"], previous,
-                time.perf_counter() - started, error,
+                time.perf_counter() - started, cpu[0], error,
             )  # fmt: skip
             level = logging.WARNING if error else logging.INFO
             log.log(level, "reload", extra={"trigger": trigger, **done.as_dict()})
             return done
 
         # Hashing, opening the session and warming up take CPU the serving version needs.
-        background = low_priority if self.settings.intra_op_threads() == 1 else in_thread
+        runner = low_priority if self.settings.intra_op_threads() == 1 else in_thread
+
+        def background(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+            return runner(cpu_timed(function, cpu), *args)
+
         try:
             bundle = await background(load_bundle, self.settings.model)
             if self._serving(bundle.directory, bundle.manifest.version, current):

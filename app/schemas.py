@@ -54,6 +54,7 @@ class ReloadResult(BaseModel):
     version: str = Field(description="The version serving after the attempt")
     previous: str
     seconds: float
+    cpu_seconds: float = Field(description="CPU time spent loading and warming the new version")
     error: str | None = None
 
 
