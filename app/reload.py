@@ -123,6 +123,7 @@ class ModelHost:
         # every interval, only once it changes (or the pointer moves on).
         self._failed: tuple[Path, float] | None = None
         self._tasks: list[asyncio.Task] = []
+        self._signal = False  # whether this process's SIGHUP handler is ours
 
     @property
     def current(self) -> ModelService:
@@ -246,7 +247,10 @@ class ModelHost:
         while True:
             await asyncio.sleep(interval_s)
             if self.pointer_moved():
-                await self.reload("watch")
+                try:
+                    await self.reload("watch")
+                except Exception:  # a bug must not stop the watching
+                    log.exception("reload failed")
 
     def request_reload(self, trigger: str) -> None:
         """Start a reload in the background (from a signal handler)."""
@@ -267,7 +271,7 @@ class ModelHost:
             log.debug("SIGHUP reloads the model", extra={"pid": os.getpid()})
 
     async def close(self) -> None:
-        if getattr(self, "_signal", False):
+        if self._signal:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in list(self._tasks):
