@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -216,13 +215,6 @@ class ModelHost:
         finally:
             self._draining.discard(old)
             version = old.model_fields["version"]
-            del old
-            # Objects alive after a warm-up are frozen out of the collector's reach (gc.freeze,
-            # app/service.py), the old version's among them: only a collection with them thawed
-            # frees its session. Then the survivors, the new version's, are frozen again.
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
             log.info("retired", extra={"version": version})
 
     def _remember_failure(self) -> None:

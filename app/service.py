@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -57,6 +58,7 @@ class ModelService:
         # worker writes every change (a scrape reads other workers' files, not their state).
         self._count_in_flight = metrics.multiprocess
         self.preprocessor = Preprocessor(manifest.input, settings.max_image_pixels)
+        this = weakref.ref(self)
         self.batcher = MicroBatcher(
             self.engine.run,
             max_batch_size=settings.max_batch_size,
@@ -67,7 +69,9 @@ class ModelService:
             on_depth=metrics.queue_depth.set if metrics.multiprocess else None,
             inline_max_s=settings.inline_max_ms / 1000,
             # Under load the loop is needed for reading and decoding: keep inference off it.
-            inline_when=lambda: self.active_requests <= 1,
+            # (Through a weak reference: no cycle, so a retired version is freed by reference
+            # counting alone, even when gc.freeze has put it out of the collector's reach.)
+            inline_when=lambda: this().active_requests <= 1,
         )
         pool_size = settings.decode_threads or usable_cores()
         self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")

@@ -219,8 +219,8 @@ def test_every_worker_moves_and_says_which_version_it_serves(bundle_dir, tmp_pat
 
 
 async def test_a_retired_version_is_freed(bundle_dir, tmp_path):
-    """The first version is frozen out of the collector's reach at start-up (gc.freeze): its
-    session must still be freed once a reload has replaced it and it has drained."""
+    """The first version is frozen out of the collector's reach at start-up (gc.freeze), so only
+    reference counting can free it: nothing may keep it, nor may it hold itself in a cycle."""
     repo = repository(tmp_path, bundle_dir, "1", "2", "3")
     async with running_app(Settings(model=repo, threads=1)) as client:
         host = client.app.state.host
