@@ -215,6 +215,18 @@ def test_v2_headers_and_binary_sizes_never_cause_a_server_error(server, request,
         assert response.json()["error"]
 
 
+def test_a_tiny_body_claiming_billions_of_elements_is_refused_before_allocating(server):
+    """Found by the long fuzzing profile: an 80-byte request whose BYTES shape claimed 2**31
+    elements made the server allocate an object array for all of them, and be killed."""
+    header = orjson.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2**31],
+                     "parameters": {"binary_data_size": 4}}]}
+    )  # fmt: skip
+    headers = {"inference-header-content-length": str(len(header))}
+    response = server.post("/v2/models/tiny/infer", content=header + bytes(4), headers=headers)
+    assert response.status_code == 400 and "cannot hold" in response.json()["error"]
+
+
 def test_fuzzing_starts_from_valid_images(server):
     """The seeds themselves decode and are served: mutations start from accepted images."""
     for data in SEEDS.values():
