@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import BlinkError, InvalidParameter, error_body
 from app.metrics import ServiceMetrics, mark_worker_exit
 from app.openapi import build_openapi
-from app.routes import health, metrics, models, page
+from app.reload import ModelHost
+from app.routes import admin, health, metrics, models, page
 from app.routes.classify import ROUTE as CLASSIFY_ROUTE
 from app.routes.classify import ClassifyRoute, classify
 from app.service import ModelService
@@ -48,15 +49,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for route in (CLASSIFY_ROUTE, INFER_ROUTE):
         metrics.request_duration.labels(route)
         metrics.requests.labels(route, "200")
-    service = ModelService(app.state.settings, metrics)
-    app.state.service = service
-    # Accept connections at once (liveness), report ready only after warm-up.
-    warm_up = asyncio.create_task(service.warm_up())
+    settings = app.state.settings
+    host = app.state.host = ModelHost(app.state, settings, metrics)
+    # app.state.service: the version each request takes at arrival. No other reference here, so
+    # that a reload can free it.
+    host.install(ModelService(settings, metrics))
+    warm_up = asyncio.create_task(host.current.warm_up())
+    if settings.workers > 1:
+        # A worker takes connections only once warm, so one that replaces a dead worker (or a
+        # rolling restart's) never answers "not ready" while the others could serve.
+        await warm_up
+    # Alone, accept connections at once (liveness), report ready only after warm-up.
+    host.start()
     try:
         yield
     finally:
         warm_up.cancel()
-        await service.close()
+        await host.close()
         mark_worker_exit()
 
 
@@ -152,6 +161,8 @@ def create_app(settings: Settings | None = None) -> BlinkApp:
     app.router.routes.append(Route("/classify", ClassifyRoute(), methods=["POST"], name="classify"))
     for router in (page.router, health.router, models.router, metrics.router):
         app.include_router(router)
+    if app.state.settings.admin_token:  # off unless the operator set a token
+        app.include_router(admin.router)
     app.include_router(v2_router)  # the Open Inference Protocol (KServe V2)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return BlinkApp(app)

@@ -34,6 +34,7 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 # Declared at zero from the start, so that rates over them read 0 rather than nothing.
 REJECTION_REASONS = ("queue_full", "not_ready", "deadline", "disconnected")
+RELOAD_RESULTS = ("success", "unchanged", "load_failed", "warm_up_failed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # `*_created` gauges double the series count, exist only in single-process mode, and the text
@@ -161,6 +162,24 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="max",
         )
+        # model_info's "max" merges workers; this one keeps a series per worker (its pid), so a
+        # reload in progress shows which worker serves which version.
+        self.worker_model = Gauge(
+            "blink_worker_model_info",
+            "1 for the model version this worker process serves.",
+            ["name", "version"],
+            registry=reg,
+            multiprocess_mode="liveall",
+        )
+        self.reloads = Counter(
+            "blink_model_reloads",
+            "Reload attempts by result: success (swapped in), unchanged (already serving it), "
+            "load_failed or warm_up_failed (the serving version stays).",
+            ["result"],
+            registry=reg,
+        )
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
         if reg is not None:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
@@ -226,6 +245,23 @@ def ready_workers() -> int:
             if metric.name == "blink_ready":
                 count += any(sample.value == 1 for sample in metric.samples)
     return count
+
+
+def worker_models() -> list[dict]:
+    """The name and version each live worker serves, by pid (multiprocess mode only)."""
+    served = []
+    for path in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_liveall_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        if not process_alive(pid):
+            continue
+        for metric in multiprocess.MultiProcessCollector.merge([str(path)], accumulate=False):
+            if metric.name == "blink_worker_model_info":
+                served += [
+                    {"pid": pid, "name": s.labels["name"], "version": s.labels["version"]}
+                    for s in metric.samples
+                    if s.value == 1
+                ]
+    return sorted(served, key=lambda w: w["pid"])
 
 
 def process_alive(pid: int) -> bool:

@@ -35,6 +35,29 @@ class Status(BaseModel):
     status: str = Field(examples=["ok"])
 
 
+class WorkerModel(BaseModel):
+    pid: int
+    name: str
+    version: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    model: ModelRef = Field(description="The version the answering worker serves")
+    workers: list[WorkerModel] = Field(
+        description="The version each worker process serves (during a reload they may differ)"
+    )
+
+
+class ReloadResult(BaseModel):
+    result: str = Field(examples=["success"], description="success, unchanged, load_failed, ...")
+    version: str = Field(description="The version serving after the attempt")
+    previous: str
+    seconds: float
+    cpu_seconds: float = Field(description="CPU time spent loading and warming the new version")
+    error: str | None = None
+
+
 class InputOut(BaseModel):
     name: str
     shape: list[int | str] = Field(examples=[["batch", 1, 28, 28]])
@@ -75,3 +98,6 @@ class ModelOut(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelOut]
+    workers: list[WorkerModel] = Field(
+        description="The version each worker process serves (during a reload they may differ)"
+    )

@@ -1,21 +1,27 @@
-"""The loaded model and the request path below HTTP: preprocess, batch, postprocess."""
+"""One loaded model version and the request path below HTTP: preprocess, batch, postprocess.
+
+A request takes the version serving at its arrival (`app.state.service`) and keeps it to the end:
+a reload (app/reload.py) swaps in a new `ModelService` while the old one drains.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
+import os
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from app.batch_policy import batch_cap
 from app.batching import GoneProbe, MicroBatcher
-from app.bundle import Bundle, load_bundle
+from app.bundle import Bundle, BundleError, load_bundle
 from app.engine import Engine
 from app.errors import NotReady
-from app.metrics import ServiceMetrics, ready_workers
+from app.metrics import ServiceMetrics, ready_workers, worker_models
 from app.preprocess import Preprocessor
 from app.settings import Settings, usable_cores
 
@@ -26,10 +32,13 @@ INLINE_DECODE_PIXELS = 128 * 128
 
 
 class ModelService:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ServiceMetrics, bundle: Bundle | None = None
+    ) -> None:
+        """Load (hashes verified) and open the bundle; nothing is published to metrics yet."""
         self.settings = settings
         self.metrics = metrics
-        self.bundle: Bundle = load_bundle(settings.model)
+        self.bundle: Bundle = bundle or load_bundle(settings.model)
         manifest = self.bundle.manifest
         self.engine = Engine(
             self.bundle,
@@ -47,9 +56,11 @@ class ModelService:
             "variant": self.engine.variant,
         }
         self.active_requests = 0
-        live_gauges = metrics.watch(lambda: self.batcher.queue_depth, lambda: self.active_requests)
-        self._count_in_flight = not live_gauges  # multiprocess: every change is written
+        # Single-process, the gauges are read at scrape time (app/reload.py); multiprocess, each
+        # worker writes every change (a scrape reads other workers' files, not their state).
+        self._count_in_flight = metrics.multiprocess
         self.preprocessor = Preprocessor(manifest.input, settings.max_image_pixels)
+        this = weakref.ref(self)
         self.batcher = MicroBatcher(
             self.engine.run,
             max_batch_size=settings.max_batch_size,
@@ -57,20 +68,44 @@ class ModelService:
             queue_capacity=settings.queue_capacity,
             engine_slots=settings.engine_slots,
             observer=metrics,
-            on_depth=None if live_gauges else metrics.queue_depth.set,
+            on_depth=metrics.queue_depth.set if metrics.multiprocess else None,
             inline_max_s=settings.inline_max_ms / 1000,
             # Under load the loop is needed for reading and decoding: keep inference off it.
-            inline_when=lambda: self.active_requests <= 1,
+            # (Through a weak reference: no cycle, so a retired version is freed by reference
+            # counting alone, even when gc.freeze has put it out of the collector's reach.)
+            inline_when=lambda: this().active_requests <= 1,
         )
         pool_size = settings.decode_threads or usable_cores()
         self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")
         self.ready = False
         self.warm_up_error: str | None = None
-        metrics.engine_slots.set(settings.engine_slots)
-        metrics.ready.set(0)
-        metrics.model_info.labels(
-            manifest.name, manifest.version, self.engine.variant, self.engine.provider
-        ).set(1)
+
+    @property
+    def model_labels(self) -> tuple[str, str, str, str]:
+        """`blink_model_info`'s labels for this version."""
+        return (
+            self.model_fields["name"],
+            self.model_fields["version"],
+            self.engine.variant,
+            self.engine.provider,
+        )
+
+    def publish(self) -> None:
+        """Name this version in the metrics as the one serving (at start and at each swap)."""
+        metrics = self.metrics
+        metrics.engine_slots.set(self.settings.engine_slots)
+        metrics.ready.set(1 if self.ready else 0)
+        metrics.model_info.labels(*self.model_labels).set(1)
+        metrics.worker_model.labels(self.model_fields["name"], self.model_fields["version"]).set(1)
+
+    def unpublish(self) -> None:
+        """This version no longer serves new requests (it may still be draining)."""
+        metrics = self.metrics
+        metrics.model_info.labels(*self.model_labels).set(0)
+        metrics.worker_model.labels(self.model_fields["name"], self.model_fields["version"]).set(0)
+        if not metrics.multiprocess:  # single process: drop the series rather than show a 0
+            metrics.model_info.remove(*self.model_labels)
+            metrics.worker_model.remove(self.model_fields["name"], self.model_fields["version"])
 
     def not_ready_reason(self) -> str | None:
         """Why requests cannot be served yet; None once they can (in every worker)."""
@@ -83,6 +118,15 @@ class ModelService:
         if self.metrics.multiprocess and workers > 1 and (warm := ready_workers()) < workers:
             return f"{warm} of {workers} workers have warmed up"
         return None
+
+    def workers(self) -> list[dict]:
+        """The name and version each worker process serves; this one's from itself."""
+        own = {"pid": os.getpid(), "name": self.model_fields["name"]}
+        own["version"] = self.model_fields["version"]
+        if not self.metrics.multiprocess:
+            return [own]
+        others = [w for w in worker_models() if w["pid"] != own["pid"]]
+        return sorted([own, *others], key=lambda w: w["pid"])
 
     def request_started(self) -> None:
         self.active_requests += 1
@@ -99,28 +143,46 @@ class ModelService:
         return len(self.labels)
 
     async def warm_up(self) -> None:
+        """At start-up: run every batch size once, then ready. A failure is kept for /readyz."""
         started = time.perf_counter()
         try:
-            costs = await asyncio.get_running_loop().run_in_executor(None, self.engine.warm_up)
+            await asyncio.get_running_loop().run_in_executor(None, self.warm_up_engine)
         except Exception as exc:  # never ready; /readyz says why
             self.warm_up_error = str(exc)
-            log.exception("warm-up failed")
+            log.exception("warm-up failed", extra={"version": self.model_fields["version"]})
             return
         # Objects alive now live for the whole process: keep the collector from rescanning them.
         gc.collect()
         gc.freeze()
-        self.batcher.max_batch_size = batch_cap(
-            self.settings.batch_policy, self.settings.max_batch_size, costs
-        )
+        self.mark_ready(started)
+
+    def mark_ready(self, started: float) -> None:
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
             "ready",
             extra={
+                "version": self.model_fields["version"],
                 "warm_up_s": round(time.perf_counter() - started, 3),
                 "batch_cap": self.batcher.max_batch_size,
             },
         )
+
+    def warm_up_engine(self) -> None:
+        """Every batch size once, the batch cap from their measured costs, and one answer
+        checked against the labels (any thread; the version serves nothing yet)."""
+        costs = self.engine.warm_up()
+        self.batcher.max_batch_size = batch_cap(
+            self.settings.batch_policy, self.settings.max_batch_size, costs
+        )
+        # One answer checked against the labels: a model whose outputs do not match them would
+        # fail (or mislabel) every request, so it must not become ready.
+        outputs = self.engine.run(np.zeros((1, *self.engine.input_shape), np.float32))
+        if outputs.ndim != 2 or outputs.shape[1] != self.num_classes:
+            raise BundleError(
+                f"the model outputs shape {list(outputs.shape)} for one image, but the manifest "
+                f"has {self.num_classes} labels"
+            )
 
     async def preprocess(self, data: bytes) -> tuple[np.ndarray, float]:
         started = time.perf_counter()

@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False
+    watch_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="Look this often whether `latest` leads to a new version and reload it; "
+        "0 = never (SIGHUP or the admin endpoint still reload).",
+    )
+    admin_token: str = Field(
+        "",
+        description="Enables POST /admin/reload for requests with `Authorization: Bearer <token>`; "
+        "empty = the admin routes do not exist.",
+        repr=False,
+    )
 
     def intra_op_threads(self) -> int:
         """Split the usable cores between workers so they do not oversubscribe."""

@@ -401,7 +401,9 @@ async def test_wrong_method_on_other_routes(api):
 async def test_health_and_readiness(api):
     healthz, readyz = await api.get("/healthz"), await api.get("/readyz")
     assert (healthz.status_code, healthz.json()) == (200, {"status": "ok"})
-    assert (readyz.status_code, readyz.json()) == (200, {"status": "ready"})
+    assert (readyz.status_code, readyz.json()["status"]) == (200, "ready")
+    served = readyz.json()["model"]
+    assert [w["version"] for w in readyz.json()["workers"]] == [served["version"]]
 
 
 async def test_models(api, bundle_dir):

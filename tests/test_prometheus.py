@@ -107,6 +107,7 @@ UNITLESS = {
     "blink_requests_in_flight",
     "blink_engine_slots",
     "blink_model_info",
+    "blink_worker_model_info",
     "blink_ready",
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from app.errors import NotReady
-from app.schemas import ErrorResponse, Status
+from app.schemas import ErrorResponse, Readiness, Status
 
 router = APIRouter(tags=["health"])
 
@@ -17,12 +17,13 @@ async def healthz() -> dict:
 
 @router.get(
     "/readyz",
-    response_model=Status,
-    summary="The model is loaded and warmed up (in every worker)",
+    response_model=Readiness,
+    summary="The model is loaded and warmed up (in every worker); which version each serves",
     responses={503: {"model": ErrorResponse, "description": "Still warming up"}},
 )
 async def readyz(request: Request) -> dict:
-    reason = request.app.state.service.not_ready_reason()
+    service = request.app.state.service
+    reason = service.not_ready_reason()
     if reason is not None:
         raise NotReady(reason)
-    return {"status": "ready"}
+    return {"status": "ready", "model": service.model_fields, "workers": service.workers()}

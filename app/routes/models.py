@@ -44,5 +44,6 @@ async def list_models(request: Request) -> dict:
                 },
                 "metrics": manifest.metrics,
             }
-        ]
+        ],
+        "workers": service.workers(),
     }

@@ -194,6 +194,10 @@ def from_binary(chunk: memoryview, datatype: str, count: int, name: str) -> np.n
 
 
 def bytes_elements(chunk: memoryview, count: int, name: str) -> np.ndarray:
+    # Each element takes at least its 4-byte length: a shape claiming more elements than that
+    # is refused before anything is allocated for them (a tiny body must not cost gigabytes).
+    if count > len(chunk) // 4:
+        raise bad(f"input {name!r}: {len(chunk)} bytes of binary data cannot hold {count} elements")
     elements = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):

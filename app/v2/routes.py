@@ -298,7 +298,13 @@ def error_parts(exc: V2Error) -> tuple[int, bytes, bytes, list[tuple[bytes, byte
 )
 async def not_in_protocol(request: Request, path: str) -> Response:
     """Anything else under /v2 (shared memory, repository, trace...) answers in V2's shape."""
-    for route in router.routes:
-        if route.path != "/v2/{path:path}" and route.matches(request.scope)[0] == Match.PARTIAL:
-            raise V2Error(405, f"{request.method} is not allowed on /v2/{path}")
+    allowed = {
+        method
+        for route in router.routes
+        if route.path != "/v2/{path:path}" and route.matches(request.scope)[0] == Match.PARTIAL
+        for method in route.methods
+    }
+    if allowed:  # RFC 9110: a 405 lists the methods the resource has
+        allow = ", ".join(sorted(allowed))
+        raise V2Error(405, f"{request.method} is not allowed on /v2/{path}", {"allow": allow})
     raise V2Error(404, f"/v2/{path} is not part of this server's API (extensions: {EXTENSIONS})")

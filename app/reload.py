@@ -1,0 +1,273 @@
+"""Model reload without a restart: a new version is loaded, verified and warmed up beside the
+serving one, then swapped in with one assignment.
+
+`app.state.service` is the serving `ModelService`. Every request reads it once, at arrival, and
+keeps that object to its end, so requests in flight finish on the version they started on; the
+replaced version stops taking requests at the swap, drains its queue and closes. A version that
+fails to load (manifest, hashes, ONNX Runtime) or to warm up is logged, counted in
+`blink_model_reloads_total{result}` and dropped; the serving one never stops.
+
+Triggers, all of which end in `ModelHost.reload`: SIGHUP to the worker process, the admin
+endpoint (app/routes/admin.py, off unless a token is set) and, every `watch_interval_s`, a look at
+where the repository's `latest` pointer leads. Each worker process reloads on its own; with
+several workers the watcher is what moves them all (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from app.bundle import MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
+from app.metrics import ServiceMetrics
+from app.service import ModelService
+from app.settings import Settings
+
+log = logging.getLogger("blink.reload")
+T = TypeVar("T")
+BACKGROUND_NICE = 10  # a reload's thread gets roughly a tenth of a core the serving one wants
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    result: str  # one of app.metrics.RELOAD_RESULTS
+    version: str  # the version serving after the attempt
+    previous: str
+    seconds: float
+    cpu_seconds: float  # what loading and warming the new version cost in CPU
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "result": self.result,
+            "version": self.version,
+            "previous": self.previous,
+            "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "error": self.error,
+        }
+
+
+def cpu_timed(function: Callable[..., T], total: list[float]) -> Callable[..., T]:
+    """`function`, adding the CPU time of its thread to `total[0]`."""
+
+    def timed(*args: object) -> T:
+        started = time.thread_time()
+        try:
+            return function(*args)
+        finally:
+            total[0] += time.thread_time() - started
+
+    return timed
+
+
+def in_thread(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    return asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+def low_priority(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """Run `function` in a thread of its own at a lower CPU priority than the serving threads.
+
+    On Linux a nice value set by thread id applies to that thread alone, and cannot be lowered
+    again without privileges: hence a fresh thread each time, never one from a shared pool.
+    With one ONNX Runtime thread the session computes in its caller, so a warm-up here yields
+    the core to the version serving; with more, the session's own threads (made at normal
+    priority by `in_thread`) do the work.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():  # cancelled: shutting down
+            return
+        if error is None:
+            future.set_result(result)  # type: ignore[arg-type]
+        else:
+            future.set_exception(error)
+
+    def work() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        try:
+            result = function(*args)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="blink-reload", daemon=True).start()
+    return future
+
+
+class ModelHost:
+    """Owns which version serves (`state.service`) and the versions still draining."""
+
+    def __init__(self, state, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.state = state
+        self.settings = settings
+        self.metrics = metrics
+        self._lock = asyncio.Lock()  # one reload at a time
+        self._draining: set[ModelService] = set()
+        self._retirements: set[asyncio.Task] = set()
+        # The last target that failed, with its manifest's mtime: the watcher does not retry it
+        # every interval, only once it changes (or the pointer moves on).
+        self._failed: tuple[Path, float] | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._signal = False  # whether this process's SIGHUP handler is ours
+
+    @property
+    def current(self) -> ModelService:
+        return self.state.service
+
+    def install(self, service: ModelService) -> None:
+        """The first version, at start-up (before its warm-up)."""
+        self.state.service = service
+        service.publish()
+        # Single-process, prometheus_client reads these at scrape time: requests pay nothing.
+        self.metrics.watch(
+            lambda: sum(s.batcher.queue_depth for s in self._live()),
+            lambda: sum(s.active_requests for s in self._live()),
+        )
+
+    def _live(self) -> list[ModelService]:
+        return [self.current, *self._draining]
+
+    # -- reloading --------------------------------------------------------------------------
+
+    async def reload(self, trigger: str) -> ReloadOutcome:
+        """Load what `settings.model` names now and swap it in if it is new and it warms up."""
+        async with self._lock:
+            return await self._reload(trigger)
+
+    async def _reload(self, trigger: str) -> ReloadOutcome:
+        started = time.perf_counter()
+        current = self.current
+        previous = current.model_fields["version"]
+
+        cpu = [0.0]
+
+        def outcome(result: str, error: str | None = None) -> ReloadOutcome:
+            self.metrics.reloads.labels(result).inc()
+            done = ReloadOutcome(
+                result, self.current.model_fields["version"], previous,
+                time.perf_counter() - started, cpu[0], error,
+            )  # fmt: skip
+            level = logging.WARNING if error else logging.INFO
+            log.log(level, "reload", extra={"trigger": trigger, **done.as_dict()})
+            return done
+
+        # Hashing, opening the session and warming up take CPU the serving version needs.
+        runner = low_priority if self.settings.intra_op_threads() == 1 else in_thread
+
+        def background(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+            return runner(cpu_timed(function, cpu), *args)
+
+        try:
+            bundle = await background(load_bundle, self.settings.model)
+            if self._serving(bundle.directory, bundle.manifest.version, current):
+                return outcome("unchanged")
+            candidate = await background(ModelService, self.settings, self.metrics, bundle)
+        except Exception as exc:  # BundleError, EngineError, OSError; whatever it is, not served
+            self._remember_failure()
+            return outcome("load_failed", str(exc))
+        try:
+            await background(candidate.warm_up_engine)
+        except Exception as exc:
+            candidate.warm_up_error = str(exc)
+            self._remember_failure()
+            await candidate.close()
+            return outcome("warm_up_failed", str(exc))
+        candidate.mark_ready(started)
+        self._swap(candidate)
+        self._failed = None
+        return outcome("success")
+
+    def _serving(self, directory: Path, version: str, current: ModelService) -> bool:
+        return (
+            directory.resolve() == current.bundle.directory.resolve()
+            and version == current.model_fields["version"]
+            and current.warm_up_error is None
+        )
+
+    def _swap(self, candidate: ModelService) -> None:
+        old = self.current
+        self.state.service = candidate  # the swap: requests arriving from now on take the new one
+        old.unpublish()
+        candidate.publish()
+        self._draining.add(old)
+        task = asyncio.create_task(self._retire(old))
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
+
+    async def _retire(self, old: ModelService) -> None:
+        """Let the old version answer everything it accepted, then free it."""
+        try:
+            await old.close()
+        finally:
+            self._draining.discard(old)
+            version = old.model_fields["version"]
+            log.info("retired", extra={"version": version})
+
+    def _remember_failure(self) -> None:
+        with contextlib.suppress(BundleError, OSError):
+            directory = resolve_bundle_dir(self.settings.model)
+            self._failed = (directory, (directory / MANIFEST_FILE).stat().st_mtime)
+
+    # -- triggers ---------------------------------------------------------------------------
+
+    def pointer_moved(self) -> bool:
+        """Whether `settings.model` now leads to another bundle than the serving one."""
+        try:
+            directory = resolve_bundle_dir(self.settings.model)
+            mtime = (directory / MANIFEST_FILE).stat().st_mtime
+        except (BundleError, OSError):
+            return False  # mid-move or gone: the next look decides
+        if self._failed == (directory, mtime):
+            return False
+        return directory.resolve() != self.current.bundle.directory.resolve()
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.pointer_moved():
+                try:
+                    await self.reload("watch")
+                except Exception:  # a bug must not stop the watching
+                    log.exception("reload failed")
+
+    def request_reload(self, trigger: str) -> None:
+        """Start a reload in the background (from a signal handler)."""
+        task = asyncio.create_task(self.reload(trigger))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    def start(self) -> None:
+        """Arm the triggers this process has: the watcher (if set) and SIGHUP."""
+        if self.settings.watch_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self.watch(self.settings.watch_interval_s)))
+        # Only the main thread may own signal handlers (in-process test apps run elsewhere too).
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, self.request_reload, "signal"
+            )
+            self._signal = True
+            log.debug("SIGHUP reloads the model", extra={"pid": os.getpid()})
+
+    async def close(self) -> None:
+        if self._signal:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.current.close()
+        await asyncio.gather(*self._retirements, return_exceptions=True)
