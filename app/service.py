@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from app.admission import Admission
 from app.batching import GoneProbe, MicroBatcher
 from app.bundle import Bundle, load_bundle
 from app.engine import Engine
@@ -59,6 +60,13 @@ class ModelService:
             inline_max_s=settings.inline_max_ms / 1000,
             # Under load the loop is needed for reading and decoding: keep inference off it.
             inline_when=lambda: self.active_requests <= 1,
+        )
+        self.admission = Admission(
+            self.batcher,
+            lambda: self.active_requests,
+            capacity=settings.queue_capacity,
+            max_concurrency=settings.max_concurrency,
+            hold_max_s=settings.reject_hold_ms / 1000,
         )
         pool_size = settings.decode_threads or usable_cores()
         self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")
@@ -125,6 +133,12 @@ class ModelService:
         elapsed = time.perf_counter() - started
         self.metrics.decode_duration.observe(elapsed)
         return tensor, elapsed
+
+    def admit(self, items: int, time_left_s: float) -> None:
+        """Refuse at arrival, before the body is read, what cannot be served in time."""
+        if not self.ready:
+            raise NotReady("model is warming up")
+        self.admission.check(items, time_left_s)
 
     def submit(self, tensor: np.ndarray, deadline: float, client_gone: GoneProbe | None = None):
         if not self.ready:
