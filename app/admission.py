@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from app.errors import DeadlineExceeded, InvalidParameter, Overloaded
+from app.errors import DeadlineExceeded, InvalidParameter, NotReady, Overloaded
 
 if TYPE_CHECKING:
     from app.batching import MicroBatcher
@@ -44,6 +44,7 @@ class DrainRate:
         self._items = 0.0
         self._seconds = 0.0
         self._last_done = -math.inf
+        self.per_second: float | None = None  # None until a batch has completed
 
     def completed(self, items: int, dispatched_at: float, now: float) -> None:
         seconds = now - max(dispatched_at, self._last_done)
@@ -52,15 +53,11 @@ class DrainRate:
             return
         if self._seconds == 0.0:  # the first sample is the estimate
             self._items, self._seconds = float(items), seconds
-            return
-        keep = 1 - self._smoothing
-        self._items = keep * self._items + self._smoothing * items
-        self._seconds = keep * self._seconds + self._smoothing * seconds
-
-    @property
-    def per_second(self) -> float | None:
-        """None until a batch has completed."""
-        return self._items / self._seconds if self._seconds else None
+        else:
+            keep = 1 - self._smoothing
+            self._items = keep * self._items + self._smoothing * items
+            self._seconds = keep * self._seconds + self._smoothing * seconds
+        self.per_second = self._items / self._seconds
 
 
 def retry_after_s(queued: int, rate: float | None) -> int:
@@ -110,14 +107,31 @@ class Admission:
         self._capacity = capacity
         self._max_concurrency = max_concurrency
         self._hold_max_s = hold_max_s
+        self.ready = False  # set by the service once warmed up
 
     def check(self, items: int, time_left_s: float) -> None:
-        """Raise `Overloaded` (with its reason and Retry-After) if these items cannot be served."""
+        """Raise if these items cannot be served: `NotReady`, `DeadlineExceeded` (already
+        passed) or `Overloaded` (with its reason and Retry-After)."""
+        ahead = self._batcher.queue_depth + items
+        rate = self._batcher.drain_rate.per_second
+        # Every request pays for this line; the reasons are worked out only for a refusal.
+        if (
+            self.ready
+            and ahead <= self._capacity
+            and time_left_s > 0
+            and (rate is None or ahead <= rate * time_left_s)
+            and (not self._max_concurrency or self._in_progress() <= self._max_concurrency)
+        ):
+            return
+        self._refuse(items, time_left_s)
+
+    def _refuse(self, items: int, time_left_s: float) -> None:
+        if not self.ready:
+            raise NotReady("model is warming up")
         if time_left_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was queued")
-        batcher = self._batcher
-        queued = batcher.queue_depth
-        rate = batcher.drain_rate.per_second
+        queued = self._batcher.queue_depth
+        rate = self._batcher.drain_rate.per_second
         reason = admission_refusal(
             items=items,
             queued=queued,
@@ -127,8 +141,8 @@ class Admission:
             rate=rate,
             time_left_s=time_left_s,
         )
-        if reason is not None:
-            raise Overloaded.because(reason, retry_after_s(queued, rate), self.hold_s(queued, rate))
+        assert reason is not None, "check() and admission_refusal() disagree"
+        raise Overloaded.because(reason, retry_after_s(queued, rate), self.hold_s(queued, rate))
 
     def hold_s(self, queued: int, rate: float | None) -> float:
         """How long not to read a refused connection: about the time the queue needs to drain."""

@@ -211,7 +211,6 @@ class ServiceMetrics:
         self.inference_duration.observe(inference_s)
         self.engine_busy.inc(inference_s)
 
-
     def exposition(self) -> bytes:
         if self.registry is not None:
             return generate_latest(self.registry)

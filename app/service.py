@@ -115,7 +115,7 @@ class ModelService:
         # Objects alive now live for the whole process: keep the collector from rescanning them.
         gc.collect()
         gc.freeze()
-        self.ready = True
+        self.ready = self.admission.ready = True
         self.metrics.ready.set(1)
         log.info("ready", extra={"warm_up_s": round(time.perf_counter() - started, 3)})
 
@@ -133,12 +133,6 @@ class ModelService:
         elapsed = time.perf_counter() - started
         self.metrics.decode_duration.observe(elapsed)
         return tensor, elapsed
-
-    def admit(self, items: int, time_left_s: float) -> None:
-        """Refuse at arrival, before the body is read, what cannot be served in time."""
-        if not self.ready:
-            raise NotReady("model is warming up")
-        self.admission.check(items, time_left_s)
 
     def submit(self, tensor: np.ndarray, deadline: float, client_gone: GoneProbe | None = None):
         if not self.ready:

@@ -72,7 +72,7 @@ async def answer(
     k = parse_top_k(scope["query_string"], service.num_classes)
     timeout_s = client_timeout_s(headers, service.settings.request_timeout_ms / 1000)
     deadline = time.monotonic() + timeout_s
-    service.admit(1, timeout_s)  # before reading the body: a refusal costs almost nothing
+    service.admission.check(1, timeout_s)  # before reading the body: a refusal costs almost nothing
     data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
     tensor, decode_s = await service.preprocess(data)
     probe = disconnect_probe(receive)

@@ -223,7 +223,7 @@ async def answer(
     model.check(*model_names(scope))
     try:
         timeout_s = client_timeout_s(headers, service.settings.request_timeout_ms / 1000)
-        service.admit(1, timeout_s)  # before reading the body: a refusal costs almost nothing
+        service.admission.check(1, timeout_s)  # before the body is read: refusing is cheap
         result = await run(headers, receive, service, model, arrival, timeout_s)
         status, content_type, body, extra = respond(result, headers.get(b"accept-encoding"))
         extra.append((b"x-request-id", request_id))
