@@ -112,20 +112,22 @@ class Admission:
     def check(self, items: int, time_left_s: float) -> None:
         """Raise if these items cannot be served: `NotReady`, `DeadlineExceeded` (already
         passed) or `Overloaded` (with its reason and Retry-After)."""
-        ahead = self._batcher.queue_depth + items
-        rate = self._batcher.drain_rate.per_second
-        # Every request pays for this line; the reasons are worked out only for a refusal.
+        # Every request pays for these lines: they admit the plain case without working out
+        # reasons; anything else (including an opt-in concurrency limit) takes the long way.
+        batcher = self._batcher
+        ahead = batcher.queue_depth + items
+        rate = batcher.drain_rate.per_second
         if (
-            self.ready
-            and ahead <= self._capacity
+            ahead <= self._capacity
+            and self.ready
             and time_left_s > 0
             and (rate is None or ahead <= rate * time_left_s)
-            and (not self._max_concurrency or self._in_progress() <= self._max_concurrency)
+            and not self._max_concurrency
         ):
             return
-        self._refuse(items, time_left_s)
+        self._check_all(items, time_left_s)
 
-    def _refuse(self, items: int, time_left_s: float) -> None:
+    def _check_all(self, items: int, time_left_s: float) -> None:
         if not self.ready:
             raise NotReady("model is warming up")
         if time_left_s <= 0:
@@ -141,8 +143,9 @@ class Admission:
             rate=rate,
             time_left_s=time_left_s,
         )
-        assert reason is not None, "check() and admission_refusal() disagree"
-        raise Overloaded.because(reason, retry_after_s(queued, rate), self.hold_s(queued, rate))
+        if reason is not None:
+            hold_s = self.hold_s(queued, rate)
+            raise Overloaded.because(reason, retry_after_s(queued, rate), hold_s)
 
     def hold_s(self, queued: int, rate: float | None) -> float:
         """How long not to read a refused connection: about the time the queue needs to drain."""

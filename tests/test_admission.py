@@ -192,11 +192,14 @@ async def test_concurrency_limit_refuses_the_request_over_it(bundle_dir):
     settings = Settings(model=bundle_dir, threads=1, max_concurrency=1)
     async with running_app(settings) as client:
         app = client.app
-        body_sent = asyncio.Event()
+        body_sent, never = asyncio.Event(), asyncio.Event()
+        bodies = [{"type": "http.request", "body": png(), "more_body": False}]
 
-        async def slow_receive() -> dict:  # the first request waits for its body
+        async def slow_receive() -> dict:  # the body comes late; no disconnect ever comes
             await body_sent.wait()
-            return {"type": "http.request", "body": png(), "more_body": False}
+            if not bodies:
+                await never.wait()
+            return bodies.pop()
 
         answers: list[dict] = []
 

@@ -186,7 +186,7 @@ class ServedBelow(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = scope["app"].state.service
-        await serve_request(service, INFER_ROUTE, answer, error_answer, scope, receive, send)
+        await serve_infer(service, scope, receive, send)
 
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -196,7 +196,7 @@ async def infer_asgi(service: ModelService, scope: Scope, receive: Receive, send
     """The hot path below FastAPI's middleware, as /classify is; False if not an infer path."""
     if INFER_PATH.fullmatch(scope["path"]) is None:
         return False
-    await serve_request(service, INFER_ROUTE, answer, error_answer, scope, receive, send)
+    await serve_infer(service, scope, receive, send)
     return True
 
 
@@ -217,8 +217,9 @@ async def answer(
     send: Send,
     headers: dict[bytes, bytes],
     request_id: bytes,
+    started: float,
 ) -> None:
-    arrival, started = time.monotonic(), time.perf_counter()
+    arrival = time.monotonic()
     model = served_model(service)
     model.check(*model_names(scope))
     try:
@@ -248,6 +249,9 @@ def error_answer(outcome: Outcome, exc: BaseException) -> tuple[int, bytes, Head
         error = V2Error(outcome.status, "internal error")
     status = outcome.status if isinstance(exc, Overloaded) else error.status
     return status, error_body(error), header_list(error.headers)
+
+
+serve_infer = functools.partial(serve_request, INFER_ROUTE, answer, error_answer)
 
 
 @functools.cache
