@@ -14,6 +14,10 @@ from app.errors import PayloadTooLarge
 Headers = list[tuple[bytes, bytes]]
 
 
+def header_list(headers: dict[str, str]) -> Headers:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
 def check_length(headers: dict[bytes, bytes], limit: int) -> None:
     """Refuse a declared Content-Length over `limit` before reading a byte of the body."""
     length = headers.get(b"content-length")

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from app.admission import QUEUE_FULL, DrainRate, retry_after_s
 from app.errors import DeadlineExceeded, Overloaded
 
 BatchFn = Callable[[np.ndarray], np.ndarray]
@@ -62,7 +63,6 @@ def batch_take(sizes: Sequence[int], max_batch_size: int) -> int:
 class BatchObserver(Protocol):
     def batch_started(self, size: int, queue_waits_s: list[float]) -> None: ...
     def batch_finished(self, size: int, inference_s: float) -> None: ...
-    def request_expired(self) -> None: ...
 
 
 class ClientGone(Exception):
@@ -118,6 +118,7 @@ class MicroBatcher:
         self._single_s: float | None = None  # how long the last batch of one item ran
         self._inline_check: asyncio.Handle | None = None
         self._inline_when = inline_when
+        self.drain_rate = DrainRate()  # admission and Retry-After read it
 
     @property
     def queue_depth(self) -> int:
@@ -136,9 +137,8 @@ class MicroBatcher:
         if not 0 < size <= self.max_batch_size:
             raise ValueError(f"a request must hold 1..{self.max_batch_size} items, not {size}")
         if self._queued_items + size > self._queue_capacity:
-            raise Overloaded(
-                f"queue is full ({self._queued_items} waiting, capacity {self._queue_capacity})"
-            )
+            queued = self._queued_items
+            raise Overloaded.because(QUEUE_FULL, retry_after_s(queued, self.drain_rate.per_second))
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         now = time.monotonic()
@@ -191,8 +191,6 @@ class MicroBatcher:
         if pending.future.done():
             return
         pending.future.set_exception(DeadlineExceeded("request deadline passed before it ran"))
-        if self._observer is not None:
-            self._observer.request_expired()
         self._forget(pending)
 
     def _maybe_dispatch(self) -> None:
@@ -317,6 +315,7 @@ class MicroBatcher:
             assert outputs is not None
             if len(outputs) == 1:
                 self._single_s = inference_s
+            self.drain_rate.completed(len(outputs), dispatched_at, time.monotonic())
             if self._observer is not None:
                 self._observer.batch_finished(len(outputs), inference_s)
             start, size = 0, len(outputs)

@@ -38,7 +38,10 @@ async def wait_all(
     """
     if probe is None:
         return await _wait_watching(batcher, pendings, receive)
-    results = await _wait(batcher, pendings)
+    if len(pendings) == 1:  # the common case, without _wait's frame
+        results = [await batcher.wait(pendings[0])]
+    else:
+        results = await _wait(batcher, pendings)
     if probe():  # it left while its batch ran: nobody reads this answer
         raise ClientGone()
     return results

@@ -40,8 +40,31 @@ class InvalidParameter(BlinkError):
 
 
 class Overloaded(BlinkError):
+    """Refused for load; `reason` names the limit that was hit (see app/admission.py)."""
+
     status, code = 503, "overloaded"
     headers = {"retry-after": "1"}  # noqa: RUF012
+    reason = "queue_full"
+    retry_after = 1
+    hold_s = 0.0  # how long the server should not read this client's connection afterwards
+
+    @classmethod
+    def because(cls, reason: str, retry_after: int, hold_s: float = 0.0) -> Overloaded:
+        exc = cls(OVERLOAD_MESSAGES[reason], headers={"retry-after": str(retry_after)})
+        exc.reason, exc.retry_after, exc.hold_s = reason, retry_after, hold_s
+        return exc
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {"error": {"code": self.code, "message": self.message, "reason": self.reason}}
+        )
+
+
+OVERLOAD_MESSAGES = {
+    "queue_full": "the batching queue is full",
+    "concurrency": "too many requests in progress",
+    "deadline_unmeetable": "the queue ahead cannot drain before the request's deadline",
+}
 
 
 class NotReady(BlinkError):

@@ -33,7 +33,15 @@ LATENCY_BUCKETS = (
 )
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 # Declared at zero from the start, so that rates over them read 0 rather than nothing.
-REJECTION_REASONS = ("queue_full", "not_ready", "deadline", "disconnected")
+REJECTION_REASONS = (
+    "queue_full",
+    "concurrency",
+    "deadline_unmeetable",
+    "not_ready",
+    "deadline",
+    "disconnected",
+    "cancelled",
+)
 RELOAD_RESULTS = ("success", "unchanged", "load_failed", "warm_up_failed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -126,8 +134,8 @@ class ServiceMetrics:
             ["reason"],
             registry=reg,
         )
-        for reason in REJECTION_REASONS:
-            self.rejections.labels(reason)
+        # labels() takes a lock and builds a key: refusing under load must stay cheap
+        self._rejected = {reason: self.rejections.labels(reason) for reason in REJECTION_REASONS}
         self.queue_depth = Gauge(
             "blink_queue_depth",
             "Images waiting in the batching queue.",
@@ -197,6 +205,9 @@ class ServiceMetrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def rejected(self, reason: str) -> None:
+        self._rejected[reason].inc()
+
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> bool:
         """Read the two live gauges from these functions at each scrape, where that is possible.
 
@@ -218,9 +229,6 @@ class ServiceMetrics:
     def batch_finished(self, size: int, inference_s: float) -> None:
         self.inference_duration.observe(inference_s)
         self.engine_busy.inc(inference_s)
-
-    def request_expired(self) -> None:
-        self.rejections.labels("deadline").inc()
 
     def exposition(self) -> bytes:
         if self.registry is not None:

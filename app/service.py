@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from app.admission import Admission
 from app.batch_policy import batch_cap
 from app.batching import GoneProbe, MicroBatcher
 from app.bundle import Bundle, BundleError, load_bundle
@@ -74,6 +75,13 @@ class ModelService:
             # (Through a weak reference: no cycle, so a retired version is freed by reference
             # counting alone, even when gc.freeze has put it out of the collector's reach.)
             inline_when=lambda: this().active_requests <= 1,
+        )
+        self.admission = Admission(
+            self.batcher,
+            lambda: this().active_requests,
+            capacity=settings.queue_capacity,
+            max_concurrency=settings.max_concurrency,
+            hold_max_s=settings.reject_hold_ms / 1000,
         )
         pool_size = settings.decode_threads or usable_cores()
         self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")
@@ -157,7 +165,7 @@ class ModelService:
         self.mark_ready(started)
 
     def mark_ready(self, started: float) -> None:
-        self.ready = True
+        self.ready = self.admission.ready = True
         self.metrics.ready.set(1)
         log.info(
             "ready",

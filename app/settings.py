@@ -43,7 +43,24 @@ class Settings(BaseSettings):
         description="A lone request on an idle engine runs on the event loop, without the hop to "
         "the engine thread, while a batch of one takes at most this long; 0 = never.",
     )
-    request_timeout_ms: float = Field(5000.0, gt=0, description="Deadline from arrival.")
+    request_timeout_ms: float = Field(
+        5000.0,
+        gt=0,
+        description="Deadline from arrival; a client's X-Request-Timeout-Ms may only shorten it.",
+    )
+    overload_status: Literal[503, 429] = Field(
+        503, description="Status of an overload rejection (not-ready is always 503)."
+    )
+    max_concurrency: int = Field(
+        0, ge=0, description="Requests in progress per worker beyond this are refused; 0 = none."
+    )
+    reject_hold_ms: float = Field(
+        1000.0,
+        ge=0,
+        lt=5000,  # below uvicorn's keep-alive timeout, which stays armed while not reading
+        description="After an overload rejection, do not read that connection for up to this long "
+        "(about the queue's drain time), so TCP holds back clients that resend at once; 0 = off.",
+    )
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="Width x height before decoding.")
     decode_threads: int = Field(0, ge=0, description="Decode pool size; 0 = one per usable core.")

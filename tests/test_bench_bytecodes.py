@@ -28,6 +28,6 @@ def test_bytecode_counts_compare_the_service_with_the_minimal_handler(bundle_dir
     (open_image,) = (v for k, v in rows.items() if k.endswith("app/preprocess.py:open_image"))
     assert open_image[0] == open_image[1] > 0
     # only the service runs its route handler and its batcher
-    (handler,) = (v for k, v in rows.items() if k.endswith("app/routes/classify.py:classify"))
+    (handler,) = (v for k, v in rows.items() if k.endswith("app/routes/classify.py:answer"))
     assert handler[0] > 0 and handler[1] == 0
     assert any(k.endswith("app/batching.py:submit") for k in rows)

@@ -163,7 +163,9 @@ def test_two_workers_share_one_set_of_metrics(bundle_dir, tmp_path):
 def test_queue_and_in_flight_gauges_read_live(slow_bundle_dir, tmp_path, workers):
     """One worker reads them at scrape time, several write each change: both show the load."""
     env = {"TMPDIR": str(tmp_path)}
-    with live_server(slow_bundle_dir, workers=workers, max_batch_size=1, threads=1, env=env) as url:
+    # A generous deadline: the test is about the gauges, and a busy machine slows every batch.
+    settings = {"max_batch_size": 1, "threads": 1, "request_timeout_ms": 120_000}
+    with live_server(slow_bundle_dir, workers=workers, env=env, **settings) as url:
 
         async def scenario() -> tuple[float, float]:
             posts = asyncio.ensure_future(post_all(url, [png(i) for i in range(12)]))

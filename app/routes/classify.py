@@ -7,10 +7,7 @@ Its OpenAPI description is written by hand in app/openapi.py.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import logging
-import os
+import functools
 import time
 from urllib.parse import parse_qs
 
@@ -19,24 +16,21 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from app.asgi import check_length, read_body, send_response
-from app.batching import ClientGone
+from app.admission import client_timeout_s
+from app.asgi import Headers, check_length, header_list, read_body, send_response
 from app.disconnect import disconnect_probe, wait_all
 from app.errors import (
     BadImage,
     BlinkError,
-    DeadlineExceeded,
     InvalidParameter,
-    NotReady,
     Overloaded,
     PayloadTooLarge,
     UnsupportedMediaType,
     error_body,
 )
+from app.outcomes import Outcome, serve_request
 from app.postprocess import top_k
 from app.service import ModelService
-
-log = logging.getLogger("blink.classify")
 
 ROUTE = "/classify"
 DEFAULT_TOP_K = 5
@@ -55,83 +49,58 @@ RAW_MEDIA_TYPES = frozenset(
 )
 RAW_CONTENT_TYPES = frozenset(t.encode() for t in RAW_MEDIA_TYPES)
 MULTIPART = "multipart/form-data"
-REQUEST_ID_PREFIX = os.urandom(4).hex().encode()
-REQUEST_COUNTER = itertools.count()
-REJECTION_REASONS = {Overloaded: "queue_full", NotReady: "not_ready", DeadlineExceeded: "deadline"}
 
 
-def new_request_id() -> bytes:
-    """Unique across workers and restarts (a random per-process prefix), without a syscall."""
-    return b"%s%08x" % (REQUEST_ID_PREFIX, next(REQUEST_COUNTER))
+async def answer(
+    service: ModelService,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: dict[bytes, bytes],
+    request_id: bytes,
+    started: float,
+) -> None:
+    k = parse_top_k(scope["query_string"], service.num_classes)
+    timeout_s = client_timeout_s(headers, service.settings.request_timeout_ms / 1000)
+    deadline = time.monotonic() + timeout_s
+    service.admission.check(1, timeout_s)  # before reading the body: a refusal costs almost nothing
+    data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
+    tensor, decode_s = await service.preprocess(data)
+    probe = disconnect_probe(receive)
+    pending = service.submit(tensor, deadline, probe)
+    (result,) = await wait_all(service.batcher, [pending], receive, probe)
+    body = orjson.dumps(
+        {
+            "model": service.model_fields,
+            "predictions": top_k(
+                result.outputs[0], k, service.labels, probabilities=service.probabilities
+            ),
+        }
+    )
+    timing = b"decode;dur=%.3f, queue;dur=%.3f, inference;dur=%.3f, total;dur=%.3f" % (
+        decode_s * 1000,
+        result.queue_s * 1000,
+        result.inference_s * 1000,
+        (time.perf_counter() - started) * 1000,
+    )
+    extra = [(b"x-request-id", request_id), (b"server-timing", timing)]
+    await send_response(send, 200, body, b"application/json", extra)
 
 
-async def classify(service: ModelService, scope: Scope, receive: Receive, send: Send) -> None:
-    started = time.perf_counter()
-    metrics = service.metrics
-    headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
-    request_id = (headers.get(b"x-request-id") or new_request_id())[:128]
-    status = 200
-    service.request_started()
-    try:
-        k = parse_top_k(scope["query_string"], service.num_classes)
-        data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
-        deadline = time.monotonic() + service.settings.request_timeout_ms / 1000
-        tensor, decode_s = await service.preprocess(data)
-        probe = disconnect_probe(receive)
-        pending = service.submit(tensor, deadline, probe)
-        (result,) = await wait_all(service.batcher, [pending], receive, probe)
-        body = orjson.dumps(
-            {
-                "model": service.model_fields,
-                "predictions": top_k(
-                    result.outputs[0], k, service.labels, probabilities=service.probabilities
-                ),
-            }
-        )
-        timing = b"decode;dur=%.3f, queue;dur=%.3f, inference;dur=%.3f, total;dur=%.3f" % (
-            decode_s * 1000,
-            result.queue_s * 1000,
-            result.inference_s * 1000,
-            (time.perf_counter() - started) * 1000,
-        )
-        await respond(send, 200, body, request_id, [(b"server-timing", timing)])
-    except ClientGone:
-        status = 499  # nginx's convention for "client closed request"; nothing is sent
-        metrics.rejections.labels("disconnected").inc()
-    except BlinkError as exc:
-        status = exc.status
-        reason = REJECTION_REASONS.get(type(exc))
-        if reason is not None and reason != "deadline":  # the batcher counts its own expiries
-            metrics.rejections.labels(reason).inc()
-        extra = [(k.encode(), v.encode()) for k, v in exc.headers.items()]
-        await respond(send, exc.status, exc.body(), request_id, extra)
-        log.debug(
-            "rejected",
-            extra={
-                "request_id": request_id.decode(errors="replace"),
-                "status": status,
-                "reason": exc.message,
-            },
-        )
-    except Exception:  # a bug, not the client's doing: answer 500 and keep serving
-        status = 500
-        log.exception("classify failed", extra={"request_id": request_id.decode(errors="replace")})
-        with contextlib.suppress(Exception):  # the response may already have started
-            await respond(send, 500, error_body("internal", "internal error"), request_id, [])
-    finally:
-        elapsed = time.perf_counter() - started
-        service.request_finished()
-        metrics.request_answered(ROUTE, status, elapsed)
-        if service.settings.access_log:
-            log.info(
-                "request",
-                extra={
-                    "request_id": request_id.decode(errors="replace"),
-                    "route": ROUTE,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                },
-            )
+def error_answer(outcome: Outcome, exc: BaseException) -> tuple[int, bytes, Headers]:
+    """`{"error": {"code", "message"}}`; overload answers come pre-encoded."""
+    if isinstance(exc, Overloaded):
+        return (outcome.status, *overload_answer(exc.reason, exc.retry_after))
+    if isinstance(exc, BlinkError):
+        return outcome.status, exc.body(), header_list(exc.headers)
+    return outcome.status, error_body(outcome.code, "internal error"), []
+
+
+@functools.cache
+def overload_answer(reason: str, retry_after: int) -> tuple[bytes, Headers]:
+    """One encoding per (limit, Retry-After): refusing under load must cost next to nothing."""
+    exc = Overloaded.because(reason, retry_after)
+    return exc.body(), header_list(exc.headers)
 
 
 def parse_top_k(query_string: bytes, num_classes: int) -> int:
@@ -201,12 +170,8 @@ async def read_multipart_file(scope: Scope, receive: Receive) -> bytes:
         await form.close()
 
 
-async def respond(
-    send: Send, status: int, body: bytes, request_id: bytes, extra: list[tuple[bytes, bytes]]
-) -> None:
-    await send_response(
-        send, status, body, b"application/json", [(b"x-request-id", request_id), *extra]
-    )
+# classify(service, scope, receive, send): the answer above, with the shared bookkeeping
+classify = functools.partial(serve_request, ROUTE, answer, error_answer)
 
 
 class ClassifyRoute:

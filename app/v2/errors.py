@@ -8,12 +8,14 @@ from starlette.responses import Response
 from app.errors import BlinkError
 
 
-class V2Error(Exception):
+class V2Error(BlinkError):
+    """A service error in the protocol's shape: any status, a plain message."""
+
+    code = "v2_error"
+
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, headers=headers)
         self.status = status
-        self.message = message
-        self.headers = headers or {}
 
     @classmethod
     def from_blink(cls, exc: BlinkError, prefix: str = "") -> V2Error:

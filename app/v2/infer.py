@@ -40,13 +40,17 @@ async def infer(
     header_length: int | None,
     arrival: float,
     receive: Receive,
+    allowed_s: float,
 ) -> Answer:
-    """Parse, decode, batch, postprocess and encode; `arrival` is on time.monotonic()."""
+    """Parse, decode, batch, postprocess and encode; `arrival` is on time.monotonic().
+
+    `allowed_s` is the time the server and the request's header allow from arrival;
+    `parameters.timeout` may shorten it further.
+    """
     started = time.perf_counter()
     request = parse_request(body, header_length)
     requested = model.requested(request.outputs, request.binary_output)
-    server_timeout_s = service.settings.request_timeout_ms / 1000
-    deadline = arrival + timeout_s(request.parameters, server_timeout_s)
+    deadline = arrival + timeout_s(request.parameters, allowed_s)
     source = model.read_input(request.inputs)
     pixels = source if isinstance(source, np.ndarray) else await decode_all(service, source)
     times = StageTimes(compute_input=time.perf_counter() - started)
@@ -101,6 +105,7 @@ async def run_blocks(
     capacity = service.settings.queue_capacity
     if len(pixels) > capacity:
         raise V2Error(400, f"{len(pixels)} images exceed the queue's capacity of {capacity}")
+    service.admission.check(len(pixels), deadline - time.monotonic())
     step = batcher.max_batch_size
     pendings = []
     try:

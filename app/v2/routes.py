@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -14,9 +15,10 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from app.asgi import check_length, read_body, send_response
-from app.batching import ClientGone
-from app.errors import BlinkError, NotReady, Overloaded
+from app.admission import client_timeout_s
+from app.asgi import Headers, check_length, header_list, read_body, send_response
+from app.errors import BlinkError, Overloaded
+from app.outcomes import Outcome, serve_request
 from app.service import ModelService
 from app.v2.codec import compress, decompress
 from app.v2.errors import V2Error, error_body, error_response
@@ -35,8 +37,6 @@ log = logging.getLogger("blink.v2")
 
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
 INFER_ROUTE = "/v2/models/{name}/infer"  # one label for the request metrics, whatever the name
-REJECTION_REASONS = {Overloaded: "queue_full", NotReady: "not_ready"}  # the batcher counts expiry
-CLIENT_GONE = 499  # nginx's "client closed request": counted, never sent
 JSON, OCTET_STREAM = b"application/json", b"application/octet-stream"
 
 
@@ -178,14 +178,15 @@ INFER_DOC: dict[str, Any] = {
 @router.post("/models/{model_name}/versions/{model_version}/infer", **INFER_DOC)
 async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
     # Reached only where BlinkApp does not route the request first (e.g. mounted under a path).
-    service = request.app.state.service
-    headers = dict(request.scope["headers"])
-    status, content_type, body, extra = await answer_infer(
-        service, headers, request.receive, model_name, model_version
-    )
-    response = Response(body, status, media_type=content_type.decode())
-    response.raw_headers.extend(extra)
-    return response
+    return ServedBelow()
+
+
+class ServedBelow(Response):
+    """Answers with the same ASGI handler BlinkApp calls, from FastAPI's route."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = scope["app"].state.service
+        await serve_infer(service, scope, receive, send)
 
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -193,62 +194,70 @@ INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 async def infer_asgi(service: ModelService, scope: Scope, receive: Receive, send: Send) -> bool:
     """The hot path below FastAPI's middleware, as /classify is; False if not an infer path."""
-    match = INFER_PATH.fullmatch(scope["path"])
-    if match is None:
+    if INFER_PATH.fullmatch(scope["path"]) is None:
         return False
-    name, version = match.groups()
-    headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
-    status, content_type, body, extra = await answer_infer(
-        service, headers, receive, name, version or ""
-    )
-    if status != CLIENT_GONE:  # nobody is there to read an answer
-        await send_response(send, status, body, content_type, extra)
+    await serve_infer(service, scope, receive, send)
     return True
 
 
-async def answer_infer(
+def model_names(scope: Scope) -> tuple[str, str]:
+    """The model name and version the request addresses (version "" for the latest)."""
+    params = scope.get("path_params")
+    if params and "model_name" in params:  # FastAPI has matched the route
+        return params["model_name"], params.get("model_version", "")
+    match = INFER_PATH.search(scope["path"])
+    assert match is not None  # infer_asgi matched it
+    return match[1], match[2] or ""
+
+
+async def answer(
     service: ModelService,
-    headers: dict[bytes, bytes],
+    scope: Scope,
     receive: Receive,
-    model_name: str,
-    model_version: str,
-) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
-    """Status, content type, body and extra headers of one infer request."""
-    arrival, started = time.monotonic(), time.perf_counter()
-    metrics = service.metrics
+    send: Send,
+    headers: dict[bytes, bytes],
+    request_id: bytes,
+    started: float,
+) -> None:
+    arrival = time.monotonic()
     model = served_model(service)
-    status, addressed = 200, False
-    service.request_started()
+    model.check(*model_names(scope))
     try:
-        model.check(model_name, model_version)
-        addressed = True
-        answer = await run(headers, receive, service, model, arrival)
-        response = respond(answer, headers.get(b"accept-encoding"))
-        model.stats.record_success(
-            answer.images, time.perf_counter() - started, answer.times, answer.results
-        )
-        return response
-    except ClientGone:
-        status = CLIENT_GONE
-        metrics.rejections.labels("disconnected").inc()
-        return status, JSON, b"", []
-    except (V2Error, BlinkError) as exc:
-        reason = REJECTION_REASONS.get(type(exc))
-        if reason is not None:
-            metrics.rejections.labels(reason).inc()
-        error = exc if isinstance(exc, V2Error) else V2Error.from_blink(exc)
-        status = error.status
-        return error_parts(error)
-    except Exception:  # a bug, not the client's doing: answer 500 and keep serving
-        status = 500
-        log.exception("v2 infer failed")
-        return error_parts(V2Error(500, "internal error"))
-    finally:
-        elapsed = time.perf_counter() - started
-        service.request_finished()
-        metrics.request_answered(INFER_ROUTE, status, elapsed)
-        if addressed and status != 200:
-            model.stats.record_failure(elapsed)
+        timeout_s = client_timeout_s(headers, service.settings.request_timeout_ms / 1000)
+        service.admission.check(1, timeout_s)  # before the body is read: refusing is cheap
+        result = await run(headers, receive, service, model, arrival, timeout_s)
+        status, content_type, body, extra = respond(result, headers.get(b"accept-encoding"))
+        extra.append((b"x-request-id", request_id))
+        await send_response(send, status, body, content_type, extra)
+    except BaseException:
+        model.stats.record_failure(time.perf_counter() - started)
+        raise
+    model.stats.record_success(
+        result.images, time.perf_counter() - started, result.times, result.results
+    )
+
+
+def error_answer(outcome: Outcome, exc: BaseException) -> tuple[int, bytes, Headers]:
+    """`{"error": "message"}` with the status the protocol uses; overload answers pre-encoded."""
+    if isinstance(exc, Overloaded):
+        return (outcome.status, *overload_answer(exc.reason, exc.retry_after))
+    if isinstance(exc, V2Error):
+        error = exc
+    elif isinstance(exc, BlinkError):
+        error = V2Error.from_blink(exc)
+    else:
+        error = V2Error(outcome.status, "internal error")
+    status = outcome.status if isinstance(exc, Overloaded) else error.status
+    return status, error_body(error), header_list(error.headers)
+
+
+serve_infer = functools.partial(serve_request, INFER_ROUTE, answer, error_answer)
+
+
+@functools.cache
+def overload_answer(reason: str, retry_after: int) -> tuple[bytes, Headers]:
+    error = V2Error.from_blink(Overloaded.because(reason, retry_after))
+    return error_body(error), header_list(error.headers)
 
 
 async def run(
@@ -257,6 +266,7 @@ async def run(
     service: ModelService,
     model: ServedModel,
     arrival: float,
+    timeout_s: float,
 ) -> Answer:
     limit = service.settings.max_body_bytes
     check_length(headers, limit)
@@ -269,7 +279,7 @@ async def run(
             f"Inference-Header-Content-Length {header_length.decode('latin-1')!r} is not a number",
         )
     length = None if header_length is None else int(header_length)
-    return await infer(service, model, body, length, arrival, receive)
+    return await infer(service, model, body, length, arrival, receive, timeout_s)
 
 
 def respond(
@@ -284,11 +294,6 @@ def respond(
             headers.append((b"content-encoding", encoding.encode()))
     binary = answer.header_length is not None
     return 200, OCTET_STREAM if binary else JSON, body, headers
-
-
-def error_parts(exc: V2Error) -> tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]:
-    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
-    return exc.status, JSON, error_body(exc), extra
 
 
 @router.api_route(
