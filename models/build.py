@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from models.augment import ViewConfig
 from models.pipeline import BuildError, BuildState, GateFailed, default_version, log
 from models.pretrained import PRETRAINED
 
@@ -71,6 +72,19 @@ def parser() -> argparse.ArgumentParser:
         help="cached backbone views per training image: the centre view plus VIEWS-1 "
         "augmented ones (random resized crop, flip, colour jitter)",
     )
+    pre.add_argument(
+        "--crop-scale",
+        type=float,
+        default=ViewConfig.scale[0],
+        help="smallest area fraction a random crop keeps (1: flips and colour jitter only, "
+        "for labels that depend on details anywhere in the frame)",
+    )
+    pre.add_argument(
+        "--crop-fraction",
+        type=float,
+        help="centre crop of the served input (default: the backbone's, e.g. 0.875; "
+        "1 keeps the whole frame)",
+    )
     pre.add_argument("--head-epochs", type=int, default=FINE_TUNE["head_epochs"])
     pre.add_argument(
         "--tune-last",
@@ -123,7 +137,12 @@ def parser() -> argparse.ArgumentParser:
         "checkpoint.pt from an earlier build (a fine-tuned --pretrained one included)",
     )
     c.add_argument("--prune", type=float, default=0.0, metavar="FRACTION")
-    c.add_argument("--calibration-images", type=int, default=1024)
+    c.add_argument(
+        "--calibration-images",
+        type=int,
+        help="training images INT8 calibration runs (default 1024; 256 with --pretrained, "
+        "whose activations are far larger)",
+    )
     c.add_argument(
         "--calibration-method", choices=["minmax", "entropy", "percentile"], default="percentile"
     )
@@ -165,6 +184,8 @@ def validate(args: argparse.Namespace) -> None:
         raise BuildError("--limit must be at least 10")
     if not 0 <= args.prune < 1:
         raise BuildError(f"--prune must be a fraction in [0, 1), not {args.prune}")
+    if args.calibration_images is None:
+        args.calibration_images = 256 if args.pretrained else 1024
     if args.calibration_images < 1:
         raise BuildError("--calibration-images must be at least 1")
     if args.teacher and args.teacher != "auto-train" and not Path(args.teacher).is_file():
@@ -180,6 +201,8 @@ def validate_transfer(args: argparse.Namespace) -> None:
         raise BuildError("--pretrained needs --dataset folder (a class-per-folder image tree)")
     if args.teacher or args.prune:
         raise BuildError("--teacher and --prune apply to the small CNN, not to --pretrained")
+    if not 0 < args.crop_scale <= 1 or not 0 < (args.crop_fraction or 1) <= 1:
+        raise BuildError("--crop-scale and --crop-fraction must be in (0, 1]")
     if args.views < 1 or args.head_epochs < 1 or args.tune_epochs < 0 or args.tune_last < 0:
         raise BuildError(
             "--views and --head-epochs must be at least 1, --tune-epochs and --tune-last at least 0"
@@ -295,6 +318,8 @@ def build_transfer(state: BuildState) -> Path:
 
     args = state.args
     spec = pretrained_spec(args.pretrained).input_spec()
+    if args.crop_fraction:
+        spec = spec.model_copy(update={"crop_fraction": args.crop_fraction})
     args.epochs, args.lr = args.tune_epochs, args.tune_lr  # what a QAT fallback starts from
     state.network = {"backbone": args.pretrained, "tune_last": args.tune_last}
     config = finetune.FineTuneConfig(
@@ -305,6 +330,7 @@ def build_transfer(state: BuildState) -> Path:
         tune_lr=args.tune_lr,
         seed=args.seed,
         precision=args.precision,
+        augment=ViewConfig(scale=(args.crop_scale, 1.0)),
     )
     state.training = {
         "stages": "head on cached frozen features, then the last layers tuned",

@@ -41,6 +41,7 @@ class FineTuneConfig:
     tune_epochs: int = 10
     tune_lr: float = 3e-4  # the backbone's peak; the head's is ten times higher
     batch_size: int = 64
+    head_batch_size: int = 256  # a linear layer on cached features: steps, not data, cost time
     weight_decay: float = 1e-2
     label_smoothing: float = 0.1
     seed: int = 0
@@ -222,10 +223,11 @@ def train_head(model: TransferNet, cache: Cache, config: FineTuneConfig, histori
     optimizer = torch.optim.AdamW(
         head.parameters(), lr=config.head_lr, weight_decay=config.weight_decay
     )
-    steps = max(1, len(targets) // config.batch_size)
+    batch_size = config.head_batch_size
+    steps = max(1, len(targets) // batch_size)
     schedule = schedule_for(optimizer, config.head_lr, config.head_epochs * steps)
     generator = torch.Generator().manual_seed(config.seed)
-    best = (-1.0, copy.deepcopy(model.state_dict()))
+    best = ((-1.0, -1.0), copy.deepcopy(model.state_dict()))
     history = []
     for epoch in range(1, config.head_epochs + 1):
         started = time.perf_counter()
@@ -233,7 +235,7 @@ def train_head(model: TransferNet, cache: Cache, config: FineTuneConfig, histori
         order = torch.randperm(len(targets), generator=generator)
         total = correct = 0.0
         for step in range(steps):
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            index = order[step * batch_size : (step + 1) * batch_size]
             logits = head(inputs[index])
             loss = loss_fn(logits, targets[index], weights, config)
             optimizer.zero_grad(set_to_none=True)
@@ -245,11 +247,11 @@ def train_head(model: TransferNet, cache: Cache, config: FineTuneConfig, histori
         head.eval()
         with torch.no_grad():
             val_logits = head(val_inputs)
-        seen = steps * config.batch_size
+        seen = steps * batch_size
         entry = epoch_log(epoch, total / seen, correct / seen, val_logits, cache, optimizer)
         entry.seconds = time.perf_counter() - started
         history.append(entry)
-        best = keep_best(best, entry.val_accuracy, model)
+        best = keep_best(best, val_logits, cache, model)
     report("head", history, config)
     histories["head"] = [vars(h) for h in history]
     return best
@@ -308,7 +310,7 @@ def tune(model: TransferNet, cache: Cache, config: FineTuneConfig, histories, be
         entry = epoch_log(epoch, total / seen, correct / seen, val_logits, cache, optimizer)
         entry.seconds = time.perf_counter() - started
         history.append(entry)
-        best = keep_best(best, entry.val_accuracy, model)
+        best = keep_best(best, val_logits, cache, model)
     report("tune", history, config)
     histories["tune"] = [vars(h) for h in history]
     return best
@@ -340,10 +342,17 @@ def epoch_log(epoch, train_loss, train_accuracy, val_logits, cache: Cache, optim
     )
 
 
-def keep_best(best, accuracy: float, model: nn.Module):
+def keep_best(best, val_logits: torch.Tensor, cache: Cache, model: nn.Module):
+    """(score, weights) of the better of `best` and the model now. The score is validation
+    macro-F1, then accuracy: with imbalanced classes, accuracy alone favours the largest."""
+    from models.evaluate import score
+
+    classes = val_logits.shape[1]
+    scores = score(cache.val_labels.numpy(), val_logits.argmax(1).numpy(), classes)
+    now = (float(np.mean(scores.f1)), scores.accuracy)
     # ">=": on ties the later epoch wins, since it has seen more of the annealed schedule
-    if accuracy >= best[0]:
-        return accuracy, copy.deepcopy(model.state_dict())
+    if now >= best[0]:
+        return now, copy.deepcopy(model.state_dict())
     return best
 
 
