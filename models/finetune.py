@@ -212,7 +212,20 @@ def pooled(model: TransferNet, features: np.ndarray) -> torch.Tensor:
 
 
 def train_head(model: TransferNet, cache: Cache, config: FineTuneConfig, histories):
-    """Stage 1: the linear head on the pooled features of every cached view."""
+    """Stage 1: the linear head on the pooled features of every cached view.
+
+    On one thread: its steps are too small to share, and a second thread waiting at every
+    step's barrier is what costs when the cores are busy with other work.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit_head(model, cache, config, histories)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit_head(model: TransferNet, cache: Cache, config: FineTuneConfig, histories):
     model.eval()
     n, views = cache.train.shape[:2]
     inputs = pooled(model, cache.train.reshape(n * views, *cache.train.shape[2:]))
