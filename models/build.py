@@ -140,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--calibration-images",
         type=int,
-        help="training images INT8 calibration runs (default 1024; 256 with --pretrained, "
+        help="training images INT8 calibration runs (default 1024; 64 with --pretrained, "
         "whose activations are far larger)",
     )
     c.add_argument(
@@ -185,7 +185,7 @@ def validate(args: argparse.Namespace) -> None:
     if not 0 <= args.prune < 1:
         raise BuildError(f"--prune must be a fraction in [0, 1), not {args.prune}")
     if args.calibration_images is None:
-        args.calibration_images = 256 if args.pretrained else 1024
+        args.calibration_images = 64 if args.pretrained else 1024
     if args.calibration_images < 1:
         raise BuildError("--calibration-images must be at least 1")
     if args.teacher and args.teacher != "auto-train" and not Path(args.teacher).is_file():
