@@ -70,6 +70,20 @@ class Preprocessor:
 
     def to_tensor(self, image: Image.Image) -> np.ndarray:
         """Decode, convert, resize and normalise one image: float32 [1, C, H, W] or [1, H, W, C]."""
+        normalised = self.to_pixels(image) * self._scale + self._bias  # a new, contiguous HWC
+        if self.channels_last:
+            return normalised[None]
+        return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """Encoded bytes -> the model's input pixels before normalising: uint8 [H, W, C].
+
+        The offline build trains on these, so its images are exactly what serving normalises.
+        """
+        return self.to_pixels(self.open_image(data))
+
+    def to_pixels(self, image: Image.Image) -> np.ndarray:
+        """Decode, convert and resize one image into uint8 [H, W, C]."""
         spec = self.spec
         box = self._source_box(image.size)
         if image.format == "JPEG":
@@ -88,11 +102,7 @@ class Preprocessor:
             raise BadImage(f"image data is corrupt or truncated: {exc}") from exc
         # frombuffer over tobytes is cheaper than np.asarray(image), which goes the same way
         width, height = image.size
-        pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, -1)
-        normalised = pixels * self._scale + self._bias  # a new HWC array, already contiguous
-        if self.channels_last:
-            return normalised[None]
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+        return np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, -1)
 
     def __call__(self, data: bytes) -> np.ndarray:
         return self.to_tensor(self.open_image(data))

@@ -15,7 +15,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from models.augment import ViewConfig
 from models.pipeline import BuildError, BuildState, GateFailed, default_version, log
+from models.pretrained import PRETRAINED
 
 DEFAULTS = {
     "batch_size": 128,
@@ -26,6 +28,9 @@ DEFAULTS = {
 # runs in mixed precision (a CPU with native bf16, or CUDA), 6 where it is plain fp32 (1.6x slower
 # per step on the same CPU, and AVX2-only CPUs slower still). Both are recorded in the manifest.
 DEFAULT_EPOCHS = {"mixed": 18, "fp32": 6}
+# Transfer learning's defaults, sized to build in under 10 minutes on two cores with the
+# textile comparison of docs/transfer-learning.md (2,000 photos).
+FINE_TUNE = {"views": 3, "head_epochs": 40, "tune_last": 1, "tune_epochs": 10, "tune_lr": 3e-4}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,9 +52,54 @@ def parser() -> argparse.ArgumentParser:
         "--test-split", type=float, default=0.2, help="folder: fraction of each class for test"
     )
     data.add_argument(
-        "--val-split", type=float, default=0.05, help="fraction of training data for validation"
+        "--val-split",
+        type=float,
+        help="fraction of training data for validation (default 0.05; 0.1 with --pretrained)",
     )
     data.add_argument("--image-size", type=int, help="folder: resize images to this square size")
+    pre = p.add_argument_group(
+        "transfer learning (--dataset folder --pretrained NAME; see docs/transfer-learning.md)"
+    )
+    pre.add_argument(
+        "--pretrained",
+        choices=sorted(PRETRAINED),
+        help="fine-tune this ImageNet backbone instead of training the small CNN from scratch",
+    )
+    pre.add_argument(
+        "--views",
+        type=int,
+        default=FINE_TUNE["views"],
+        help="cached backbone views per training image: the centre view plus VIEWS-1 "
+        "augmented ones (random resized crop, flip, colour jitter)",
+    )
+    pre.add_argument(
+        "--crop-scale",
+        type=float,
+        default=ViewConfig.scale[0],
+        help="smallest area fraction a random crop keeps (1: flips and colour jitter only, "
+        "for labels that depend on details anywhere in the frame)",
+    )
+    pre.add_argument(
+        "--crop-fraction",
+        type=float,
+        help="centre crop of the served input (default: the backbone's, e.g. 0.875; "
+        "1 keeps the whole frame)",
+    )
+    pre.add_argument("--head-epochs", type=int, default=FINE_TUNE["head_epochs"])
+    pre.add_argument(
+        "--tune-last",
+        type=int,
+        default=FINE_TUNE["tune_last"],
+        help="backbone layers unfrozen in stage 2, from the end (1: the final 1x1 conv; "
+        "2: also the last MBConv block; ...); 0: train the head only",
+    )
+    pre.add_argument("--tune-epochs", type=int, default=FINE_TUNE["tune_epochs"])
+    pre.add_argument(
+        "--tune-lr",
+        type=float,
+        default=FINE_TUNE["tune_lr"],
+        help="stage 2 peak learning rate of the backbone layers (the head's is 10x)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("models/repository"))
     out.add_argument("--name", help="bundle name (default: the dataset's or the folder's name)")
@@ -84,10 +134,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--teacher",
         help="distil from a teacher: 'auto-train' (a 2x wider net trained first) or a "
-        "checkpoint.pt from an earlier build",
+        "checkpoint.pt from an earlier build (a fine-tuned --pretrained one included)",
     )
     c.add_argument("--prune", type=float, default=0.0, metavar="FRACTION")
-    c.add_argument("--calibration-images", type=int, default=1024)
+    c.add_argument(
+        "--calibration-images",
+        type=int,
+        help="training images INT8 calibration runs (default 1024; 64 with --pretrained, "
+        "whose activations are far larger)",
+    )
     c.add_argument(
         "--calibration-method", choices=["minmax", "entropy", "percentile"], default="percentile"
     )
@@ -129,10 +184,29 @@ def validate(args: argparse.Namespace) -> None:
         raise BuildError("--limit must be at least 10")
     if not 0 <= args.prune < 1:
         raise BuildError(f"--prune must be a fraction in [0, 1), not {args.prune}")
+    if args.calibration_images is None:
+        args.calibration_images = 64 if args.pretrained else 1024
     if args.calibration_images < 1:
         raise BuildError("--calibration-images must be at least 1")
     if args.teacher and args.teacher != "auto-train" and not Path(args.teacher).is_file():
         raise BuildError(f"--teacher {args.teacher}: no such checkpoint (or use 'auto-train')")
+    if args.val_split is None:
+        args.val_split = 0.1 if args.pretrained else 0.05
+    if args.pretrained:
+        validate_transfer(args)
+
+
+def validate_transfer(args: argparse.Namespace) -> None:
+    if args.dataset != "folder":
+        raise BuildError("--pretrained needs --dataset folder (a class-per-folder image tree)")
+    if args.teacher or args.prune:
+        raise BuildError("--teacher and --prune apply to the small CNN, not to --pretrained")
+    if not 0 < args.crop_scale <= 1 or not 0 < (args.crop_fraction or 1) <= 1:
+        raise BuildError("--crop-scale and --crop-fraction must be in (0, 1]")
+    if args.views < 1 or args.head_epochs < 1 or args.tune_epochs < 0 or args.tune_last < 0:
+        raise BuildError(
+            "--views and --head-epochs must be at least 1, --tune-epochs and --tune-last at least 0"
+        )
 
 
 def build(args: argparse.Namespace, argv: list[str]) -> Path:
@@ -150,6 +224,9 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
         raise BuildError(f"{args.out / state.name / state.version} already exists; pass --version")
     training.setup_torch(args.seed, args.threads)
     state.training_precision = precision = training.training_precision(args.precision)
+    if args.pretrained:
+        return build_transfer(state)
+    state.network = {"width": args.width, "depth": args.depth}
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS["fp32" if precision == "fp32" else "mixed"]
     log(f"training: {args.epochs} epochs, {precision} arithmetic")
@@ -203,11 +280,13 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
     teacher = None
     if args.teacher:
         with state.stage("teacher"):
-            teacher = load_or_train_teacher(args.teacher, config, fit)
+            teacher, params, teacher_accuracy = teacher_for(
+                args, dataset, config, fit, val_set, mean, std
+            )
             state.compression["distillation"] = {
                 "teacher": args.teacher,
-                "teacher_params": nets.parameter_count(teacher),
-                "teacher_val_accuracy": validation_accuracy(teacher, val_set, mean, std),
+                "teacher_params": params,
+                "teacher_val_accuracy": teacher_accuracy,
             }
     with state.stage("train"):
         torch.manual_seed(args.seed)
@@ -224,12 +303,115 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
     return write_bundle(state, dataset, model, (train_set, val_set), mean, std)
 
 
+def validation_split(args: argparse.Namespace, count: int):
+    from models import data as datasets
+
+    return datasets.validation_indices(count, args.val_split, args.seed)
+
+
+def build_transfer(state: BuildState) -> Path:
+    """Fine-tune a pretrained backbone on a folder of photos, then the common bundle path."""
+    from models import data as datasets
+    from models import finetune
+    from models.bundle_writer import write_bundle
+    from models.pretrained import pretrained_spec
+
+    args = state.args
+    spec = pretrained_spec(args.pretrained).input_spec()
+    if args.crop_fraction:
+        spec = spec.model_copy(update={"crop_fraction": args.crop_fraction})
+    args.epochs, args.lr = args.tune_epochs, args.tune_lr  # what a QAT fallback starts from
+    state.network = {"backbone": args.pretrained, "tune_last": args.tune_last}
+    config = finetune.FineTuneConfig(
+        views=args.views,
+        head_epochs=args.head_epochs,
+        tune_last=args.tune_last,
+        tune_epochs=args.tune_epochs,
+        tune_lr=args.tune_lr,
+        seed=args.seed,
+        precision=args.precision,
+        augment=ViewConfig(scale=(args.crop_scale, 1.0)),
+    )
+    state.training = {
+        "stages": "head on cached frozen features, then the last layers tuned",
+        **{k: v for k, v in vars(config).items() if k not in ("quiet", "augment")},
+        "augment": vars(config.augment),
+    }
+    log(
+        f"fine-tuning {args.pretrained}: head {args.head_epochs} epochs, then the last "
+        f"{args.tune_last} layer(s) {args.tune_epochs} epochs, {args.views} view(s) per image"
+    )
+    with state.stage("load data"):
+        try:
+            dataset = datasets.load(
+                "folder", args.data_dir, test_split=args.test_split, seed=args.seed, spec=spec
+            )
+            if args.limit:
+                dataset = datasets.limit(dataset, args.limit, args.seed)
+            train_index, val_index = validation_split(args, len(dataset.train_labels))
+        except datasets.DatasetError as exc:
+            raise BuildError(str(exc)) from exc
+        images, labels = dataset.train_images, dataset.train_labels
+        train_set = (images[train_index], labels[train_index])
+        val_set = (images[val_index], labels[val_index])
+        sources = [dataset.train_sources[i] for i in train_index]
+        contexts = finetune.context_images(sources, spec) if args.views > 1 else images
+        log(
+            f"{dataset.name}: {len(train_set[1])} train, {len(val_set[1])} validation, "
+            f"{len(dataset.test_labels)} test images; {len(dataset.skipped)} unreadable "
+            "file(s) skipped"
+        )
+    model = finetune.TransferNet(args.pretrained, dataset.labels, args.tune_last)
+    with state.stage("features"):
+        cache = finetune.cache_features(model, train_set, contexts, val_set, spec, config)
+    with state.stage("head"):
+        best = finetune.train_head(model, cache, config, state.histories)
+    if args.tune_last and args.tune_epochs:
+        with state.stage("tune"):
+            best = finetune.tune(model, cache, config, state.histories, best)
+    model.load_state_dict(best[1])
+    model.eval()
+    del cache
+    return write_bundle(state, dataset, model, (train_set, val_set), spec.mean, spec.std, spec)
+
+
 def bundle_name(args: argparse.Namespace) -> str:
     if args.name:
         return args.name
     if args.dataset == "folder" and args.data_dir is not None:
         return args.data_dir.resolve().name
     return args.dataset
+
+
+def teacher_for(args, dataset, config, fit, val_set, mean, std):
+    """(teacher, its parameter count, its validation accuracy). A fine-tuned backbone teaches
+    through its logits on each training image, decoded at its own input size."""
+    import torch
+
+    from models import finetune
+    from models import net as nets
+
+    source = args.teacher
+    checkpoint = None
+    if source != "auto-train":
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    if checkpoint is None or checkpoint.get("kind") != finetune.CHECKPOINT_KIND:
+        teacher = load_or_train_teacher(source, config, fit)
+        accuracy = validation_accuracy(teacher, val_set, mean, std)
+        return teacher, nets.parameter_count(teacher), accuracy
+    model = finetune.load_checkpoint(checkpoint)
+    if dataset.train_sources is None:
+        raise BuildError(f"--teacher {source} is a fine-tuned backbone: it teaches folders only")
+    if model.labels != dataset.labels:
+        raise BuildError(
+            f"--teacher {source} was fine-tuned on classes {model.labels}, "
+            f"not on this folder's {dataset.labels}"
+        )
+    logits = torch.from_numpy(finetune.teacher_logits(model, dataset.train_sources))
+    train_index, val_index = validation_split(args, len(dataset.train_labels))
+    val_logits = logits[val_index]
+    accuracy = (val_logits.argmax(1).numpy() == val_set[1]).mean()
+    return logits[train_index], nets.parameter_count(model), round(float(accuracy), 6)
 
 
 def load_or_train_teacher(source: str, config, fit):

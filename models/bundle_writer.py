@@ -42,6 +42,9 @@ from models.pipeline import (
 
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| logit difference tolerated for fp32
+PARITY_PIXELS = 2_000_000  # input pixels compared in the parity check (at most 512 images)
+# Each speed round is capped in time, so a 224x224 backbone measures in seconds, not minutes.
+SPEED_ROUND_SECONDS = 1.0
 
 
 def write_bundle(
@@ -51,7 +54,10 @@ def write_bundle(
     splits: tuple,
     mean: list[float],
     std: list[float],
+    spec: InputSpec | None = None,
 ) -> Path:
+    """`spec`: the input the model was trained for (a pretrained backbone's); default: the
+    dataset's size and colour, centre-cropped, with `mean` and `std`."""
     name, version = state.name, state.version
     home = state.args.out / name
     final = home / version
@@ -59,9 +65,16 @@ def write_bundle(
     remove_tree(staging)
     staging.mkdir(parents=True)
     try:
-        manifest, failures = assemble(
-            state, dataset, model, splits, mean, std, staging, name, version
+        spec = spec or InputSpec(
+            height=dataset.size[0],
+            width=dataset.size[1],
+            channels=dataset.channels,
+            color=dataset.color,
+            resize="center_crop",
+            mean=mean,
+            std=std,
         )
+        manifest, failures = assemble(state, dataset, model, splits, spec, staging, name, version)
         os.replace(staging, final)
     except BaseException:
         remove_tree(staging)
@@ -76,33 +89,27 @@ def write_bundle(
     return final
 
 
-def assemble(state, dataset, model, splits, mean, std, directory: Path, name, version):
+def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, name, version):
     from models import export, report
     from models import speed as speeds
 
     args = state.args
     (train_set, _) = splits
-    spec = InputSpec(
-        height=dataset.size[0],
-        width=dataset.size[1],
-        channels=dataset.channels,
-        color=dataset.color,
-        resize="center_crop",
-        mean=mean,
-        std=std,
-    )
+    mean, std = spec.mean, spec.std
     with state.stage("preprocess test images"):
         inputs = evaluation.preprocess_all(evaluation.encoded_test_images(dataset), spec)
     input_shape = (spec.channels, spec.height, spec.width)
+    # torch runs the parity batch eagerly: a few dozen 224x224 images say as much as 512 small
+    parity_count = max(8, min(512, PARITY_PIXELS // (spec.height * spec.width)))
     with state.stage("export fp32"):
         folded = export.fold_batch_norm(model)
         with quiet_stdout():
             export.export_onnx(folded, directory / VARIANT_FILES["fp32"], input_shape)
-        parity = export.parity(model, directory / VARIANT_FILES["fp32"], inputs[:512])
+        parity = export.parity(model, directory / VARIANT_FILES["fp32"], inputs[:parity_count])
         log(f"parity: max |torch - onnxruntime| logit difference {parity:.2e}")
         if parity > PARITY_BOUND:
             raise BuildError(f"ONNX export differs from torch by {parity:.2e} (> {PARITY_BOUND})")
-    nets.save_checkpoint(model, directory / "checkpoint.pt")
+    save_checkpoint(model, directory / "checkpoint.pt")
     calibration = calibration_images(train_set, spec, args.calibration_images, args.seed)
     variants = ["fp32", "int8"] + ([] if args.no_fp16 else ["fp16"])
     if not args.no_fp16:
@@ -140,7 +147,9 @@ def assemble(state, dataset, model, splits, mean, std, directory: Path, name, ve
     with state.stage("speed"):
         bundle = load_bundle(directory)  # the provisional manifest of the last evaluation
         engines = {v: Engine(bundle, device="cpu", variant=v, threads=1) for v in variants}
-        speed = speeds.throughput({v: e.run for v, e in engines.items()}, input_shape)
+        speed = speeds.throughput(
+            {v: e.run for v, e in engines.items()}, input_shape, round_seconds=SPEED_ROUND_SECONDS
+        )
     manifest = make_manifest(
         state,
         dataset,
@@ -173,6 +182,15 @@ def assemble(state, dataset, model, splits, mean, std, directory: Path, name, ve
         report.write_report(directory, manifest, state, dataset, logits)
     (directory / MANIFEST_FILE).write_text(manifest.dump())  # with the report's timings
     return manifest, failures
+
+
+def save_checkpoint(model, path: Path) -> None:
+    from models import finetune
+
+    if isinstance(model, finetune.TransferNet):
+        finetune.save_checkpoint(model, path)
+    else:
+        nets.save_checkpoint(model, path)
 
 
 def calibration_images(train_set, spec: InputSpec, count: int, seed: int) -> np.ndarray:
@@ -267,19 +285,22 @@ def make_manifest(state, dataset, spec, directory, variants, name, version, metr
                 "test_images": len(dataset.test_labels),
                 "limit": args.limit,
                 "val_split": args.val_split,
+                "skipped_unreadable": len(dataset.skipped),
+                "skipped_files": dataset.skipped,
             },
             "seed": args.seed,
             "epochs": args.epochs,
             "argv": state.argv,
-            "network": {"width": args.width, "depth": args.depth},
-            "training": {
+            "network": state.network,
+            "training": state.training
+            or {
                 "batch_size": args.batch_size,
                 "optimizer": args.optimizer,
                 "lr": args.lr,
                 "erase": args.erase,
                 "val_split": args.val_split,
-                "precision": state.training_precision,
-            },
+            }
+            | {"precision": state.training_precision},
             "libraries": library_versions(),
             "stages_seconds": {s.name: round(s.seconds, 2) for s in state.stages},
             "compression": state.compression,

@@ -21,6 +21,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from app.bundle import InputSpec
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = [
     "T-shirt/top",
@@ -44,7 +46,7 @@ CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_FILES = [*CIFAR_TRAIN, "test_batch", "batches.meta"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16"}
 FOLDER_MAX_SIDE = 64  # a folder of photos is shrunk to this unless --image-size says otherwise
 
@@ -66,6 +68,10 @@ class Dataset:
     # Encoded originals of the test images (folder datasets), so evaluation decodes exactly
     # what a client would send; None means "PNG-encode test_images".
     test_encoded: list[bytes] | None = None
+    # Folder datasets: the source file of each training image (a teacher or an augmentation
+    # decodes them again at its own size) and the files skipped as unreadable.
+    train_sources: list[Path] | None = None
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -92,6 +98,7 @@ def load(
     test_split: float = 0.2,
     seed: int = 0,
     image_size: int | None = None,
+    spec: InputSpec | None = None,
 ) -> Dataset:
     if kind == "fashion-mnist":
         return load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
@@ -100,7 +107,9 @@ def load(
     if kind == "cifar10":
         return load_cifar10(data_dir)
     if kind == "folder":
-        return load_folder(data_dir, test_split=test_split, seed=seed, image_size=image_size)
+        return load_folder(
+            data_dir, test_split=test_split, seed=seed, image_size=image_size, spec=spec
+        )
     raise DatasetError(f"unknown dataset kind {kind!r}")
 
 
@@ -318,23 +327,40 @@ def cifar_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_folder(
-    root: Path, *, test_split: float = 0.2, seed: int = 0, image_size: int | None = None
+    root: Path,
+    *,
+    test_split: float = 0.2,
+    seed: int = 0,
+    image_size: int | None = None,
+    spec: InputSpec | None = None,
 ) -> Dataset:
+    """A class-per-folder tree, split per class into train and test.
+
+    Images are decoded by the service's preprocessing: with `spec` (a pretrained backbone's
+    input) exactly as served; without, at a small size found from the images themselves.
+    Unreadable files are skipped and counted (`Dataset.skipped`), never silently used.
+    """
     if not 0 < test_split < 1:
         raise DatasetError(f"--test-split must be between 0 and 1, not {test_split}")
     files = list_folder(root)
-    labels = sorted(files)
     headers = {path: open_image(path) for paths in files.values() for path in paths}
-    grey = all(mode in GREY_MODES for mode, _ in headers.values())
-    color = "L" if grey else "RGB"
-    height, width = folder_size([size for _, size in headers.values()], image_size)
+    skipped = [path for path, header in headers.items() if header is None]
+    if spec is None:
+        readable = [header for header in headers.values() if header is not None]
+        grey = bool(readable) and all(mode in GREY_MODES for mode, _ in readable)
+        height, width = folder_size([size for _, size in readable], image_size)
+        spec = pixel_spec("L" if grey else "RGB", height, width)
+    pixels = decode_files([p for p, header in headers.items() if header is not None], spec)
+    skipped += [path for path, image in pixels.items() if image is None]
+    files = readable_files(root, files, skipped)
+    labels = sorted(files)
     train_paths, test_paths = split_per_class(files, labels, test_split, seed)
-    train_images, train_labels = decode_all(train_paths, color, height, width)
-    test_images, test_labels = decode_all(test_paths, color, height, width)
+    train_images, train_labels = stack(train_paths, pixels)
+    test_images, test_labels = stack(test_paths, pixels)
     return Dataset(
         name=root.resolve().name,
         labels=labels,
-        color=color,
+        color=spec.color,
         train_images=train_images,
         train_labels=train_labels,
         test_images=test_images,
@@ -345,13 +371,16 @@ def load_folder(
             for path in paths
         },
         test_encoded=[path.read_bytes() for path, _ in test_paths],
+        train_sources=[path for path, _ in train_paths],
+        skipped=sorted(str(path.relative_to(root)) for path in skipped),
     )
 
 
 def list_folder(root: Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise DatasetError(
-            f"image folder {root} not found: expected one sub-folder per class of PNG/JPEG files"
+            f"image folder {root} not found: expected one sub-folder per class of "
+            "JPEG/PNG/WebP files"
         )
     classes = {
         sub.name: sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -361,31 +390,45 @@ def list_folder(root: Path) -> dict[str, list[Path]]:
     classes = {name: paths for name, paths in classes.items() if paths}
     if len(classes) < 2:
         raise DatasetError(
-            f"{root} needs at least two class sub-folders with PNG/JPEG images "
+            f"{root} needs at least two class sub-folders with JPEG/PNG/WebP images "
             f"(found {len(classes)})"
-        )
-    too_few = [name for name, paths in classes.items() if len(paths) < 2]
-    if too_few:
-        raise DatasetError(
-            f"classes {', '.join(too_few)} in {root} have fewer than 2 images "
-            "(one is needed for training and one for testing)"
         )
     return classes
 
 
-def open_image(path: Path) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from the header, without decoding pixels."""
+def readable_files(
+    root: Path, files: dict[str, list[Path]], skipped: list[Path]
+) -> dict[str, list[Path]]:
+    """Each class's readable files; every class needs two (one to train on, one to test)."""
+    unreadable = set(skipped)
+    readable = {name: [p for p in paths if p not in unreadable] for name, paths in files.items()}
+    too_few = [name for name, paths in readable.items() if len(paths) < 2]
+    if too_few:
+        counts = ", ".join(
+            f"{name} ({len(readable[name])} readable of {len(files[name])})" for name in too_few
+        )
+        raise DatasetError(
+            f"classes in {root} have fewer than 2 readable images (one is needed for training "
+            f"and one for testing): {counts}"
+        )
+    return readable
+
+
+def open_image(path: Path) -> tuple[str, tuple[int, int]] | None:
+    """(mode, (width, height)) from the header, without decoding pixels; None if unreadable."""
     try:
         with Image.open(path) as image:
             return image.mode, image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"{path} is not a readable image: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
 
 
 def folder_size(sizes: list[tuple[int, int]], image_size: int | None) -> tuple[int, int]:
     """(height, width): `image_size` square, else the most common size shrunk to fit 64."""
     if image_size:
         return image_size, image_size
+    if not sizes:
+        return FOLDER_MAX_SIDE, FOLDER_MAX_SIDE
     (width, height), _ = Counter(sizes).most_common(1)[0]
     scale = min(1.0, FOLDER_MAX_SIDE / max(width, height))
     return max(1, round(height * scale)), max(1, round(width * scale))
@@ -406,32 +449,38 @@ def split_per_class(
     return train, test
 
 
-def decode_all(
-    items: list[tuple[Path, int]], color: str, height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode through the service's own preprocessing, so training sees what serving sees."""
-    from app.bundle import InputSpec
-    from app.errors import BlinkError
-    from app.preprocess import Preprocessor
-
+def pixel_spec(color: str, height: int, width: int) -> InputSpec:
+    """An input spec for decoding only (its mean and std are never applied)."""
     channels = 1 if color == "L" else 3
-    # mean 0, std 1/255 makes the preprocessor's output the raw 0..255 pixels
-    spec = InputSpec(
+    return InputSpec(
         height=height,
         width=width,
         channels=channels,
         color=color,
         mean=[0.0] * channels,
-        std=[1 / 255] * channels,
+        std=[1.0] * channels,
     )
+
+
+def decode_files(paths: list[Path], spec: InputSpec) -> dict[Path, np.ndarray | None]:
+    """Each file's pixels through the service's own preprocessing; None where it fails."""
+    from app.errors import BlinkError
+    from app.preprocess import Preprocessor
+
     preprocess = Preprocessor(spec)
-    images = np.empty((len(items), height, width, channels), np.uint8)
-    for i, (path, _) in enumerate(items):
+    decoded: dict[Path, np.ndarray | None] = {}
+    for path in paths:
         try:
-            tensor = preprocess(path.read_bytes())
-        except BlinkError as exc:
-            raise DatasetError(f"{path}: {exc.message}") from exc
-        images[i] = np.clip(np.rint(tensor[0].transpose(1, 2, 0)), 0, 255).astype(np.uint8)
+            decoded[path] = preprocess.pixels(path.read_bytes())
+        except (BlinkError, OSError):
+            decoded[path] = None
+    return decoded
+
+
+def stack(
+    items: list[tuple[Path, int]], pixels: dict[Path, np.ndarray | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([pixels[path] for path, _ in items])
     return images, np.array([label for _, label in items], np.int64)
 
 
@@ -443,7 +492,7 @@ def limit(dataset: Dataset, n_train: int, seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     train = np.sort(rng.permutation(len(dataset.train_labels))[:n_train])
     test = np.sort(rng.permutation(len(dataset.test_labels))[: max(1, n_train // 5)])
-    encoded = dataset.test_encoded
+    encoded, sources = dataset.test_encoded, dataset.train_sources
     return Dataset(
         name=dataset.name,
         labels=dataset.labels,
@@ -454,6 +503,8 @@ def limit(dataset: Dataset, n_train: int, seed: int) -> Dataset:
         test_labels=dataset.test_labels[test],
         files=dataset.files,
         test_encoded=None if encoded is None else [encoded[i] for i in test],
+        train_sources=None if sources is None else [sources[i] for i in train],
+        skipped=dataset.skipped,
     )
 
 
@@ -461,12 +512,17 @@ def split_validation(
     images: np.ndarray, labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """((train images, labels), (validation images, labels)), a seeded random split."""
+    train, val = validation_indices(len(labels), fraction, seed)
+    return (images[train], labels[train]), (images[val], labels[val])
+
+
+def validation_indices(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices) of `count` items, a seeded random split."""
     if not 0 < fraction < 1:
         raise DatasetError(f"--val-split must be between 0 and 1, not {fraction}")
-    order = np.random.default_rng(seed + 1).permutation(len(labels))
-    n_val = max(1, round(len(labels) * fraction))
-    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return (images[train], labels[train]), (images[val], labels[val])
+    order = np.random.default_rng(seed + 1).permutation(count)
+    n_val = max(1, round(count * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -46,6 +46,8 @@ class BuildState:
     histories: dict[str, list] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     compression: dict[str, dict] = field(default_factory=dict)
+    network: dict[str, object] = field(default_factory=dict)  # what was trained, for provenance
+    training: dict[str, object] = field(default_factory=dict)  # settings beyond the common ones
 
     @contextlib.contextmanager
     def stage(self, name: str):

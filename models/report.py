@@ -125,9 +125,9 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         f"{provenance['dataset']['test_images']} test images, {dataset.size[0]}x{dataset.size[1]}"
         f" {dataset.color}, {len(manifest.labels)} classes (sha256 "
         f"`{provenance['dataset']['sha256'][:16]}...`).",
-        f"Network: {provenance.get('params', '?')} parameters, width {state.args.width}, "
-        f"depth {state.args.depth}; {state.args.epochs} epochs in "
+        f"Network: {provenance.get('params', '?')} parameters, {network_line(state)} in "
         f"{provenance['training']['precision']}, seed {state.args.seed}.",
+        *skipped_lines(provenance["dataset"]),
         "",
         f"Accuracy gate: **{'passed' if gate.get('passed') else 'FAILED'}** "
         f"(int8 at most {gate.get('max_int8_drop_points')} points below fp32; every variant at "
@@ -201,6 +201,25 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
     libraries = provenance.get("libraries", {})
     lines.append(", ".join(f"{k} {v}" for k, v in libraries.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def network_line(state: BuildState) -> str:
+    network, args = state.network, state.args
+    if "backbone" in network:
+        tuned = f"its last {network['tune_last']} layer(s)" if network["tune_last"] else "no layer"
+        return (
+            f"{network['backbone']} (ImageNet-pretrained) with a new head, {args.head_epochs} "
+            f"head epochs on {args.views} cached view(s) per image, then {tuned} tuned for "
+            f"{args.tune_epochs if network['tune_last'] else 0} epochs,"
+        )
+    return f"width {args.width}, depth {args.depth}; {args.epochs} epochs"
+
+
+def skipped_lines(dataset: dict) -> list[str]:
+    count = dataset.get("skipped_unreadable", 0)
+    if not count:
+        return []
+    return [f"{count} unreadable image file(s) skipped: {', '.join(dataset['skipped_files'])}."]
 
 
 def confusion_table(matrix: list[list[int]], labels: list[str]) -> list[str]:

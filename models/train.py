@@ -237,14 +237,20 @@ def train(
     std: list[float],
     config: TrainConfig,
     *,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | torch.Tensor | None = None,
     prepare_step: Callable[[nn.Module], None] | None = None,
     desc: str = "train",
 ) -> tuple[nn.Module, list[EpochLog]]:
-    """Train in place; return the model holding the best validation weights, and the log."""
+    """Train in place; return the model holding the best validation weights, and the log.
+
+    `teacher`: a network run on the same batches, or its logits for each training image
+    already computed (a teacher with its own input size and preprocessing).
+    """
     dev = device()
     model.to(dev).to(memory_format=torch.channels_last)
-    if teacher is not None:
+    if isinstance(teacher, torch.Tensor):
+        teacher = teacher.to(dev)
+    elif teacher is not None:
         teacher.to(dev).to(memory_format=torch.channels_last).eval()
     images, labels = to_nchw(train_set[0], dev), torch.from_numpy(train_set[1]).to(dev)
     val_images, val_labels = to_nchw(val_set[0], dev), torch.from_numpy(val_set[1]).to(dev)
@@ -279,8 +285,11 @@ def train(
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(x)
                 if teacher is not None:
-                    with torch.no_grad():
-                        target_logits = teacher(x)
+                    if isinstance(teacher, torch.Tensor):
+                        target_logits = teacher[index]
+                    else:
+                        with torch.no_grad():
+                            target_logits = teacher(x)
                     loss = distill_loss(logits, target_logits, y, config)
                 else:
                     loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
