@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--qat-lr", type=float, default=1e-5)
     parser.add_argument("--more-views", type=int, default=512, help="larger calibration set")
     parser.add_argument("--only", nargs="*", help="run only these INT8 settings")
-    parser.add_argument("--bias-rounds", type=int, default=2)
+    parser.add_argument("--bias-rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from onnxruntime.quantization import QuantFormat

@@ -183,18 +183,49 @@ def fake_quantized(folded: nn.Module, calibration: np.ndarray, weight_levels: in
     return model, layers, handles
 
 
-def output_means(model: nn.Module, layers: list[nn.Module], images: np.ndarray) -> list:
-    """Each layer's mean output per channel over `images` (batch and space)."""
-    sums: list = [0.0] * len(layers)
+def local_errors(model: nn.Module, layers: list[nn.Module], images: np.ndarray) -> list:
+    """Per layer and output channel, the mean of (quantized layer - float layer) on the same
+    input, inside the fake-quantized `model`: each layer's own systematic rounding error, not
+    the error it inherits from the layers before it."""
+    import torch.nn.functional as F
 
-    def recorder(index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            per_image = output if output.ndim == 2 else output.mean((2, 3))
-            sums[index] = sums[index] + per_image.sum(0)
+    sums: list = [0.0] * len(layers)
+    raw: list = [None] * len(layers)
+
+    def keep_raw(index: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+            raw[index] = args[0]
 
         return hook
 
-    hooks = [layer.register_forward_hook(recorder(i)) for i, layer in enumerate(layers)]
+    def compare(index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            weight = module.parametrizations.weight.original
+            x = raw[index]
+            if isinstance(module, nn.Linear):
+                exact = F.linear(x, weight, module.bias)
+            else:
+                padded = module.static_padding(x) if hasattr(module, "static_padding") else x
+                exact = F.conv2d(
+                    padded,
+                    weight,
+                    module.bias,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.groups,
+                )
+            difference = output - exact
+            if difference.ndim == 4:
+                difference = difference.mean((2, 3))
+            sums[index] = sums[index] + difference.sum(0)
+
+        return hook
+
+    hooks = [
+        layer.register_forward_pre_hook(keep_raw(i), prepend=True) for i, layer in enumerate(layers)
+    ]
+    hooks += [layer.register_forward_hook(compare(i)) for i, layer in enumerate(layers)]
     with torch.no_grad():
         for start in range(0, len(images), 16):
             model(torch.from_numpy(images[start : start + 16]))
@@ -204,22 +235,20 @@ def output_means(model: nn.Module, layers: list[nn.Module], images: np.ndarray) 
 
 
 def bias_corrected(
-    teacher: nn.Module, calibration: np.ndarray, *, rounds: int = 2, weight_levels: int = 127
+    teacher: nn.Module, calibration: np.ndarray, *, rounds: int = 1, weight_levels: int = 127
 ) -> nn.Module:
-    """The BN-folded network with each layer's bias shifted so that its mean output under INT8
-    rounding (weights and inputs, fake-quantized as ONNX Runtime will quantize them) equals the
-    float network's on `calibration`: quantization error that is systematic, not noise, is
-    removed. All layers are corrected at once, `rounds` times, as each correction moves the
-    layers after it."""
+    """The BN-folded network with each layer's bias shifted by minus its mean rounding error
+    under INT8 (weights and inputs fake-quantized as ONNX Runtime will quantize them), measured
+    on `calibration` inside the quantized network: error that is systematic, not noise, is
+    removed before ONNX Runtime quantizes."""
     folded = fold_efficientnet(teacher)
-    reference_layers = [m for m in folded.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    reference = output_means(folded, reference_layers, calibration)
+    float_layers = [m for m in folded.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     for _ in range(rounds):
         quantized, layers, handles = fake_quantized(folded, calibration, weight_levels)
-        means = output_means(quantized, layers, calibration)
+        errors = local_errors(quantized, layers, calibration)
         with torch.no_grad():
-            for layer, want, got in zip(reference_layers, reference, means, strict=True):
-                layer.bias += want - got
+            for layer, error in zip(float_layers, errors, strict=True):
+                layer.bias -= error
         for handle in handles:
             handle.remove()
     return folded
