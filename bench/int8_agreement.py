@@ -224,11 +224,15 @@ def main() -> None:
         graph = onnx.load(str(fp32)).graph
         convs = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm")]
         int8("minmax, stem+head+fc fp32", fp32, calib, nodes_to_exclude=[convs[0], *convs[-2:]])
-    if wanted("bias"):
+    if wanted("bias") or wanted("bias-percentile"):
         from models import qat
 
         corrected = qat.bias_corrected(torch_model, calib, rounds=args.bias_rounds)
-        int8("bias-corrected, minmax", export_folded(corrected, spec, work / "bc.onnx"), calib)
+        corrected_path = export_folded(corrected, spec, work / "bc.onnx")
+        if wanted("bias"):
+            int8("bias-corrected, minmax", corrected_path, calib)
+        if wanted("bias-percentile"):
+            int8("bias-corrected, percentile", corrected_path, calib, method="percentile")
     if args.qat_steps:
         tuned = self_distilled(torch_model, spec, calib, args, work / "tuned.onnx")
         int8(f"self-distilled QAT {args.qat_steps}x{args.qat_batch}", tuned, calib)
