@@ -220,10 +220,15 @@ def main() -> None:
         int8(f"minmax {len(more)} views", fp32, more)
     if wanted("qoperator"):
         int8("minmax QOperator", fp32, calib, quant_format=QuantFormat.QOperator)
+    graph = onnx.load(str(fp32)).graph
+    convs = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    ends = [convs[0], *convs[-2:]]  # the stem, the head conv and the classifier
     if wanted("exclude"):
-        graph = onnx.load(str(fp32)).graph
-        convs = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm")]
-        int8("minmax, stem+head+fc fp32", fp32, calib, nodes_to_exclude=[convs[0], *convs[-2:]])
+        int8("minmax, stem+head+fc fp32", fp32, calib, nodes_to_exclude=ends)
+    if wanted("percentile-exclude"):
+        int8(
+            "percentile, stem+head+fc fp32", fp32, calib, method="percentile", nodes_to_exclude=ends
+        )
     if wanted("bias") or wanted("bias-percentile"):
         from models import qat
 
