@@ -142,17 +142,13 @@ def distill(
     """
     import torch.nn.functional as F
 
-    student = fold_efficientnet(teacher)
+    from models.pipeline import log
+
+    folded = fold_efficientnet(teacher)
     # no stochastic depth or dropout: the student should copy the teacher, not regularise
-    student._global_params = student._global_params._replace(drop_connect_rate=0.0)
-    student._dropout.p = 0.0
-    layers = [m for m in student.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    handles = []
-    for layer, (low, high) in zip(layers, input_ranges(student, layers, calibration), strict=True):
-        parametrize.register_parametrization(layer, "weight", WeightFakeQuant(weight_levels))
-        observer = InputFakeQuant(momentum=0.0)  # fixed at the calibrated range
-        observer.low, observer.high = low, high
-        handles.append(layer.register_forward_pre_hook(observer))
+    folded._global_params = folded._global_params._replace(drop_connect_rate=0.0)
+    folded._dropout.p = 0.0
+    student, _, handles = fake_quantized(folded, calibration, weight_levels)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     teacher.eval()
     for step in range(steps):
@@ -165,7 +161,7 @@ def distill(
         loss.backward()
         optimizer.step()
         if step % 10 == 0 or step == steps - 1:
-            print(f"distill step {step}: KL {loss.item():.4f}", flush=True)
+            log(f"distill step {step}: KL divergence from the teacher {loss.item():.4f}")
     return finish(student, handles)
 
 
