@@ -38,6 +38,7 @@ def test_folding_keeps_the_answers_and_removes_every_batch_norm(lite0) -> None:
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.modules())  # a copy
 
 
+@pytest.mark.slow
 def test_bias_correction_brings_the_quantized_mean_output_back(lite0) -> None:
     calibration = images(8)
     folded = qat.fold_efficientnet(lite0)
@@ -52,6 +53,7 @@ def test_bias_correction_brings_the_quantized_mean_output_back(lite0) -> None:
     assert mean_error(corrected) < 0.9 * mean_error(folded)
 
 
+@pytest.mark.slow
 def test_distillation_runs_without_labels_and_returns_plain_float_weights(lite0) -> None:
     calibration = images(8)
     student = qat.distill(lite0, calibration, lambda step: images(4, step + 1), steps=2)
