@@ -161,7 +161,6 @@ def main() -> None:
     parser.add_argument("--qat-lr", type=float, default=1e-5)
     parser.add_argument("--more-views", type=int, default=512, help="larger calibration set")
     parser.add_argument("--only", nargs="*", help="run only these INT8 settings")
-    parser.add_argument("--bias-rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from onnxruntime.quantization import QuantFormat
@@ -232,7 +231,7 @@ def main() -> None:
     if wanted("bias") or wanted("bias-percentile"):
         from models import qat
 
-        corrected = qat.bias_corrected(torch_model, calib, rounds=args.bias_rounds)
+        corrected = qat.bias_corrected(torch_model, calib)
         corrected_path = export_folded(corrected, spec, work / "bc.onnx")
         if wanted("bias"):
             int8("bias-corrected, minmax", corrected_path, calib)

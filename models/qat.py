@@ -231,20 +231,20 @@ def local_errors(model: nn.Module, layers: list[nn.Module], images: np.ndarray) 
 
 
 def bias_corrected(
-    teacher: nn.Module, calibration: np.ndarray, *, rounds: int = 1, weight_levels: int = 127
+    teacher: nn.Module, calibration: np.ndarray, *, weight_levels: int = 127
 ) -> nn.Module:
     """The BN-folded network with each layer's bias shifted by minus its mean rounding error
     under INT8 (weights and inputs fake-quantized as ONNX Runtime will quantize them), measured
     on `calibration` inside the quantized network: error that is systematic, not noise, is
-    removed before ONNX Runtime quantizes."""
+    removed before ONNX Runtime quantizes. Once: a bias shift leaves each layer's own error as
+    it was, so a second pass would subtract it twice."""
     folded = fold_efficientnet(teacher)
     float_layers = [m for m in folded.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    for _ in range(rounds):
-        quantized, layers, handles = fake_quantized(folded, calibration, weight_levels)
-        errors = local_errors(quantized, layers, calibration)
-        with torch.no_grad():
-            for layer, error in zip(float_layers, errors, strict=True):
-                layer.bias -= error
-        for handle in handles:
-            handle.remove()
+    quantized, layers, handles = fake_quantized(folded, calibration, weight_levels)
+    errors = local_errors(quantized, layers, calibration)
+    with torch.no_grad():
+        for layer, error in zip(float_layers, errors, strict=True):
+            layer.bias -= error
+    for handle in handles:
+        handle.remove()
     return folded
