@@ -9,9 +9,14 @@ float weights that remain sit where static INT8 quantization rounds them to what
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.export import fold_batch_norm
 
@@ -19,14 +24,18 @@ WEIGHT_LEVELS = 63  # 7-bit weights, as models/quantize.py asks of ONNX Runtime 
 
 
 class WeightFakeQuant(nn.Module):
-    """Per-output-channel symmetric 7-bit fake quantization of a weight tensor."""
+    """Per-output-channel symmetric fake quantization of a weight tensor (7 bits by default)."""
+
+    def __init__(self, levels: int = WEIGHT_LEVELS) -> None:
+        super().__init__()
+        self.levels = levels
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         reduce = tuple(range(1, weight.ndim))
-        scale = (weight.detach().abs().amax(reduce) / WEIGHT_LEVELS).clamp_min(1e-8)
+        scale = (weight.detach().abs().amax(reduce) / self.levels).clamp_min(1e-8)
         zero = torch.zeros(len(scale), dtype=torch.int32, device=weight.device)
         return torch.fake_quantize_per_channel_affine(
-            weight, scale, zero, 0, -WEIGHT_LEVELS, WEIGHT_LEVELS
+            weight, scale, zero, 0, -self.levels, self.levels
         )
 
 
@@ -72,3 +81,170 @@ def finish(model: nn.Module, handles: list) -> nn.Module:
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     return model.eval()
+
+
+def fold_efficientnet(model: nn.Module) -> nn.Module:
+    """A copy of an EfficientNet(-Lite) with each BatchNorm folded into the conv before it.
+
+    Its convs are attributes, not Sequential members, so the pairs are named here: the stem and
+    head, and each block's expansion, depthwise and projection convs.
+    """
+    folded = copy.deepcopy(model).eval()
+    pairs = [(folded, "_conv_stem", "_bn0"), (folded, "_conv_head", "_bn1")]
+    for block in folded._blocks:
+        pairs += [
+            (block, "_expand_conv", "_bn0"),
+            (block, "_depthwise_conv", "_bn1"),
+            (block, "_project_conv", "_bn2"),
+        ]
+    for owner, conv, norm in pairs:
+        if hasattr(owner, conv) and hasattr(owner, norm):
+            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, norm)))
+            setattr(owner, norm, nn.Identity())
+    return folded
+
+
+def input_ranges(model: nn.Module, layers: list[nn.Module], images: np.ndarray) -> list:
+    """Each layer's input (min, max) over `images`, as ONNX Runtime's min-max calibrator sees
+    them on the float model; zero is always inside, as in uint8 with a zero point."""
+    seen = [[0.0, 0.0] for _ in layers]
+
+    def recorder(index: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+            seen[index][0] = min(seen[index][0], args[0].min().item())
+            seen[index][1] = max(seen[index][1], args[0].max().item())
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        for start in range(0, len(images), 16):
+            model.eval()(torch.from_numpy(images[start : start + 16]))
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def distill(
+    teacher: nn.Module,
+    calibration: np.ndarray,
+    views: Callable[[int], np.ndarray],
+    *,
+    steps: int,
+    lr: float = 1e-5,
+    weight_levels: int = 127,
+) -> nn.Module:
+    """Label-free quantization-aware fine-tuning: a fake-quantized, BN-folded copy of `teacher`
+    learns to match the teacher's own class probabilities on `views(step)` batches.
+
+    No labels are needed, so any unlabelled images of the serving domain will do. Returns the
+    folded student with plain float weights, ready for export and static quantization.
+    """
+    import torch.nn.functional as F
+
+    from models.pipeline import log
+
+    folded = fold_efficientnet(teacher)
+    # no stochastic depth or dropout: the student should copy the teacher, not regularise
+    folded._global_params = folded._global_params._replace(drop_connect_rate=0.0)
+    folded._dropout.p = 0.0
+    student, _, handles = fake_quantized(folded, calibration, weight_levels)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    teacher.eval()
+    for step in range(steps):
+        batch = torch.from_numpy(views(step))
+        with torch.no_grad():
+            target = F.softmax(teacher(batch), dim=1)
+        student.train()
+        loss = F.kl_div(F.log_softmax(student(batch), dim=1), target, reduction="batchmean")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0 or step == steps - 1:
+            log(f"distill step {step}: KL divergence from the teacher {loss.item():.4f}")
+    return finish(student, handles)
+
+
+def fake_quantized(folded: nn.Module, calibration: np.ndarray, weight_levels: int) -> tuple:
+    """A copy of a folded network with fake-quantized weights and inputs (ranges: min-max over
+    `calibration`), its quantized layers, and the hooks that quantize their inputs."""
+    model = copy.deepcopy(folded).eval()
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    handles = []
+    for layer, (low, high) in zip(layers, input_ranges(model, layers, calibration), strict=True):
+        parametrize.register_parametrization(layer, "weight", WeightFakeQuant(weight_levels))
+        observer = InputFakeQuant(momentum=0.0)  # fixed at the calibrated range
+        observer.low, observer.high = low, high
+        handles.append(layer.register_forward_pre_hook(observer))
+    return model, layers, handles
+
+
+def local_errors(model: nn.Module, layers: list[nn.Module], images: np.ndarray) -> list:
+    """Per layer and output channel, the mean of (quantized layer - float layer) on the same
+    input, inside the fake-quantized `model`: each layer's own systematic rounding error, not
+    the error it inherits from the layers before it."""
+    import torch.nn.functional as F
+
+    sums: list = [0.0] * len(layers)
+    raw: list = [None] * len(layers)
+
+    def keep_raw(index: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+            raw[index] = args[0]
+
+        return hook
+
+    def compare(index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            weight = module.parametrizations.weight.original
+            x = raw[index]
+            if isinstance(module, nn.Linear):
+                exact = F.linear(x, weight, module.bias)
+            else:
+                padded = module.static_padding(x) if hasattr(module, "static_padding") else x
+                exact = F.conv2d(
+                    padded,
+                    weight,
+                    module.bias,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.groups,
+                )
+            difference = output - exact
+            if difference.ndim == 4:
+                difference = difference.mean((2, 3))
+            sums[index] = sums[index] + difference.sum(0)
+
+        return hook
+
+    hooks = [
+        layer.register_forward_pre_hook(keep_raw(i), prepend=True) for i, layer in enumerate(layers)
+    ]
+    hooks += [layer.register_forward_hook(compare(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        for start in range(0, len(images), 16):
+            model(torch.from_numpy(images[start : start + 16]))
+    for hook in hooks:
+        hook.remove()
+    return [s / len(images) for s in sums]
+
+
+def bias_corrected(
+    teacher: nn.Module, calibration: np.ndarray, *, weight_levels: int = 127
+) -> nn.Module:
+    """The BN-folded network with each layer's bias shifted by minus its mean rounding error
+    under INT8 (weights and inputs fake-quantized as ONNX Runtime will quantize them), measured
+    on `calibration` inside the quantized network: error that is systematic, not noise, is
+    removed before ONNX Runtime quantizes. Once: a bias shift leaves each layer's own error as
+    it was, so a second pass would subtract it twice."""
+    folded = fold_efficientnet(teacher)
+    float_layers = [m for m in folded.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    quantized, layers, handles = fake_quantized(folded, calibration, weight_levels)
+    errors = local_errors(quantized, layers, calibration)
+    with torch.no_grad():
+        for layer, error in zip(float_layers, errors, strict=True):
+            layer.bias -= error
+    for handle in handles:
+        handle.remove()
+    return folded

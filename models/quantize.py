@@ -57,11 +57,13 @@ def quantize_int8(
     method: str = "percentile",
     input_name: str = "input",
     reduce_range: bool = True,
+    quant_format: QuantFormat = QuantFormat.QDQ,
+    nodes_to_exclude: list[str] | None = None,
 ) -> Path:
     """Write the static INT8 (QDQ) version of `source`, calibrated on `calibration` images.
 
     `reduce_range=False` gives the weights all 8 bits: only safe to serve on CPUs with VNNI
-    (or on GPUs), where the products are summed in 32 bits.
+    (or on GPUs), where the products are summed in 32 bits. `nodes_to_exclude` stay fp32.
     """
     extra = {
         # Percentile clips the rare outliers that would otherwise stretch each activation's
@@ -80,12 +82,13 @@ def quantize_int8(
             str(source),
             str(target),
             BatchReader(calibration, input_name),
-            quant_format=QuantFormat.QDQ,
+            quant_format=quant_format,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CALIBRATION_METHODS[method],
             reduce_range=reduce_range,
+            nodes_to_exclude=nodes_to_exclude or [],
             extra_options=extra,
         )
     return target
