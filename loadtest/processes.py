@@ -16,13 +16,17 @@ def free_port() -> int:
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
-    """Ask a child to stop (SIGTERM); kill it if it has not exited within `timeout` seconds."""
+    """Ask a child to stop (SIGTERM); kill it if it has not exited within `timeout` seconds.
+    Its pipes are closed after, so none is left for the garbage collector to find open."""
     process.terminate()
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def rss_bytes(pid: int) -> int:

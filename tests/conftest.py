@@ -85,8 +85,6 @@ def live_server(
         yield url
     finally:
         stop_process(process)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def spawn_server(
