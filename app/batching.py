@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 
@@ -112,7 +112,7 @@ class MicroBatcher:
         self._observer = observer
         self._on_depth = on_depth  # told the queue depth on every change
         self._delay_timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Future] = set()
+        self._running: set[asyncio.Future[tuple[np.ndarray, float]]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inline_max_s = inline_max_s
         self._single_s: float | None = None  # how long the last batch of one item ran
@@ -289,7 +289,12 @@ class MicroBatcher:
         self._queued_items -= items
         return batch
 
-    def _finish(self, done: asyncio.Future, batch: list[_Pending], dispatched_at: float) -> None:
+    def _finish(
+        self,
+        done: asyncio.Future[tuple[np.ndarray, float]],
+        batch: list[_Pending],
+        dispatched_at: float,
+    ) -> None:
         self._running.discard(done)
         self._free_slots += 1
         try:
@@ -326,9 +331,12 @@ class MicroBatcher:
                 start = stop
         self._maybe_dispatch()
 
-    def _settle(
-        self, pending: _Pending, result: BatchResult | None, exc: BaseException | None = None
-    ) -> None:
+    @overload
+    def _settle(self, pending: _Pending, result: BatchResult) -> None: ...
+    @overload
+    def _settle(self, pending: _Pending, result: None, exc: BaseException) -> None: ...
+    def _settle(self, pending: _Pending, result: Any, exc: BaseException | None = None) -> None:
+        # `result` is a BatchResult exactly when `exc` is None (the overloads say so)
         timer = pending.timer
         if timer is not None:
             timer.cancel()
