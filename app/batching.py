@@ -7,11 +7,11 @@ dispatch when a request arrives, when a batch finishes and when a queue-delay ti
 lone request goes straight to a free engine and batches grow on their own while it is busy.
 A request may carry a `client_gone` probe: one that reads true when its batch forms is dropped.
 
-Handing a batch to the engine thread and back costs a thread wake-up each way (about 0.1 ms of
-CPU on a small machine). A lone request on an idle engine is the case where that is pure
-latency, so when the last batch of one took at most `inline_max_s` (and `inline_when()`, if
-given, reads true: the service passes "no other request is in progress"), such a request runs on
-the event loop itself. The decision waits for the end of the current pass of the loop, so
+Handing a batch to the engine thread and back costs a thread wake-up each way (bench/photos.py
+measures the c=1 latency it adds to). A lone request on an idle engine is the case where that
+is pure latency, so when the last batch of one took at most `inline_max_s` (and
+`inline_when()`, if given, reads true: the service passes "no other request is in progress"),
+such a request runs on the event loop itself. The decision waits for the end of the current pass of the loop, so
 requests that arrived together are still batched together, on the engine thread.
 """
 
