@@ -11,8 +11,9 @@ Handing a batch to the engine thread and back costs a thread wake-up each way (b
 measures the c=1 latency it adds to). A lone request on an idle engine is the case where that
 is pure latency, so when the last batch of one took at most `inline_max_s` (and
 `inline_when()`, if given, reads true: the service passes "no other request is in progress"),
-such a request runs on the event loop itself. The decision waits for the end of the current pass of the loop, so
-requests that arrived together are still batched together, on the engine thread.
+such a request runs on the event loop itself. The decision waits for the end of the current
+pass of the loop, so requests that arrived together are still batched together, on the engine
+thread.
 """
 
 from __future__ import annotations
