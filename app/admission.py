@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.errors import DeadlineExceeded, InvalidParameter, NotReady, Overloaded
 
 if TYPE_CHECKING:
+    from starlette.types import Receive
+
     from app.batching import MicroBatcher
 
 QUEUE_FULL, CONCURRENCY, DEADLINE_UNMEETABLE = "queue_full", "concurrency", "deadline_unmeetable"
@@ -170,7 +172,7 @@ def client_timeout_s(headers: dict[bytes, bytes], server_timeout_s: float) -> fl
     return min(ms / 1000, server_timeout_s)
 
 
-def hold_connection(receive: Callable, seconds: float) -> bool:
+def hold_connection(receive: Receive, seconds: float) -> bool:
     """Stop reading the connection behind `receive` for `seconds` (uvicorn only; else False).
 
     Called after the answer has been sent, when uvicorn has just resumed reading for the next
@@ -187,6 +189,6 @@ def hold_connection(receive: Callable, seconds: float) -> bool:
     return True
 
 
-def _resume(flow, transport) -> None:
+def _resume(flow: Any, transport: Any) -> None:
     if not transport.is_closing():
         flow.resume_reading()

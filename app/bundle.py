@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -92,7 +92,9 @@ class Manifest(BaseModel):
     input: InputSpec
     output: OutputSpec = OutputSpec()
     variants: dict[Precision, VariantFile] = Field(min_length=1)
-    metrics: dict[str, dict[str, float | int | str | list | dict]] = Field(default_factory=dict)
+    metrics: dict[str, dict[str, float | int | str | list[Any] | dict[Any, Any]]] = Field(
+        default_factory=dict
+    )
     provenance: dict[str, object] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -8,6 +8,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 SETTINGS_FLAGS = {
     "model": "BLINK_MODEL",
@@ -49,7 +53,7 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_uvicorn(settings) -> None:
+def run_uvicorn(settings: Settings) -> None:
     import uvicorn
 
     from app.logs import log_config
@@ -66,11 +70,12 @@ def run_uvicorn(settings) -> None:
         server_header=False,  # names the software to every client; nothing needs it
         log_config=log_config(settings.log_level),
         log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1.0, settings.request_timeout_ms / 1000 + 1),
+        # uvicorn annotates int but waits with asyncio, which takes any float
+        timeout_graceful_shutdown=max(1.0, settings.request_timeout_ms / 1000 + 1),  # type: ignore[arg-type]
     )
 
 
-def check_bundle(settings) -> None:
+def check_bundle(settings: Settings) -> None:
     """Open the session the workers will open: a bundle ONNX Runtime cannot load fails here.
 
     Left to the workers, it would end in a traceback per worker, and with several workers

@@ -1,26 +1,30 @@
 """Dropping the requests of clients that went away, before they reach the engine.
 
 ASGI tells an app about a disconnect only through a pending `receive()`, so the portable way
-is a watcher task per request; under load that task costs about a seventh of the server's CPU
-(measured with a near-free model at c=64: ~390 against ~330 µs per request). uvicorn's
-`receive` is a method of its per-request cycle, whose `disconnected` flag turns true when the
-connection drops, so under uvicorn the batcher reads that flag as each batch forms instead, and
-no task is needed. Other servers (and in-process test clients) get the watcher.
+is a watcher task per request; under load that task is a noticeable share of the server's CPU
+(bench/photos.py measures CPU per request). uvicorn's `receive` is a method of its per-request
+cycle, whose `disconnected` flag turns true when the connection drops, so under uvicorn the
+batcher reads that flag as each batch forms instead, and no task is needed. Other servers (and
+in-process test clients) get the watcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive
 
 from app.batching import BatchResult, ClientGone, GoneProbe, MicroBatcher
 
+if TYPE_CHECKING:
+    from app.batching import _Pending
+
 
 def disconnect_probe(receive: Receive) -> GoneProbe | None:
     """A check that reads true once the client has gone, where the server offers one."""
-    cycle = getattr(receive, "__self__", None)
+    cycle: Any = getattr(receive, "__self__", None)
     if type(getattr(cycle, "disconnected", None)) is not bool:
         return None
     return lambda: cycle.disconnected
@@ -28,7 +32,7 @@ def disconnect_probe(receive: Receive) -> GoneProbe | None:
 
 async def wait_all(
     batcher: MicroBatcher,
-    pendings: Sequence,
+    pendings: Sequence[_Pending],
     receive: Receive,
     probe: GoneProbe | None,
 ) -> list[BatchResult]:
@@ -48,11 +52,11 @@ async def wait_all(
 
 
 async def _wait_watching(
-    batcher: MicroBatcher, pendings: Sequence, receive: Receive
+    batcher: MicroBatcher, pendings: Sequence[_Pending], receive: Receive
 ) -> list[BatchResult]:
     watcher = asyncio.ensure_future(until_disconnect(receive))
 
-    def on_disconnect(task: asyncio.Future) -> None:
+    def on_disconnect(task: asyncio.Future[None]) -> None:
         if not task.cancelled() and task.exception() is None:
             for pending in pendings:
                 batcher.cancel(pending, ClientGone())
@@ -65,7 +69,7 @@ async def _wait_watching(
         watcher.cancel()
 
 
-async def _wait(batcher: MicroBatcher, pendings: Sequence) -> list[BatchResult]:
+async def _wait(batcher: MicroBatcher, pendings: Sequence[_Pending]) -> list[BatchResult]:
     if len(pendings) == 1:
         return [await batcher.wait(pendings[0])]
     # gather collects the exceptions of the blocks cancelled below, so none goes unheard

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -49,7 +50,7 @@ def cpu_sums_int8_in_32_bits() -> bool:
     return any(flag in flags for flag in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
 
-def int8_safe_here(manifest_provenance: dict) -> bool:
+def int8_safe_here(manifest_provenance: dict[str, object]) -> bool:
     """Full-range INT8 weights (recorded by `blink import` on a VNNI machine) answer wrongly on a
     CPU without VNNI; 7-bit weights, the build's default, are safe everywhere."""
     quantization = manifest_provenance.get("quantization")
@@ -143,6 +144,7 @@ class Engine:
                 batch = np.concatenate(
                     [batch, np.zeros((padded - size, *batch.shape[1:]), batch.dtype)]
                 )
+        logits: np.ndarray
         (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         return logits[:size]
 
@@ -180,7 +182,7 @@ class Engine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
-    def _providers(self, cache_dir: Path) -> list:
+    def _providers(self, cache_dir: Path) -> list[str | tuple[str, dict[str, Any]]]:
         if self.device == "tensorrt":
             shape = f"{self.input_name}:{{}}x" + "x".join(map(str, self.input_shape))
             trt = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import orjson
 
@@ -25,7 +26,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def log_config(level: str) -> dict:
+def log_config(level: str) -> dict[str, Any]:
     """A `logging.config.dictConfig` for our loggers and uvicorn's."""
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     loggers = {

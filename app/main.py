@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -69,7 +69,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         mark_worker_exit()
 
 
-def json_error(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+def json_error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
     return Response(error_body(code, message), status, headers, media_type="application/json")
 
 

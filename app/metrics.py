@@ -11,6 +11,7 @@ from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,8 +26,8 @@ from prometheus_client import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-# 10 µs to 10 s, five buckets a decade: an idle queue wait (tens of µs), sub-millisecond inference
-# and multi-second stalls all land in a bucket narrow enough to read a p99 from.
+# 10 µs to 10 s, five buckets a decade: an idle queue wait, sub-millisecond inference and
+# multi-second stalls all land in a bucket narrow enough to read a p99 from.
 LATENCY_BUCKETS = (
     *(round(base * 10.0**exp, 7) for exp in range(-5, 1) for base in (1, 2, 3, 5, 7.5)),
     10.0,
@@ -53,9 +54,9 @@ disable_created_metrics()
 class BisectHistogram(Histogram):
     """prometheus_client's Histogram, finding the bucket by binary search.
 
-    Its own observe() scans the bounds in a Python loop: about 150 bytecodes for a 30-bucket
-    latency histogram, the largest single cost on the hot path after decoding. Same buckets,
-    same values, same exposition.
+    Its own observe() scans the bounds in a Python loop, one step per bound: for a latency
+    histogram, one of the largest Python costs on the hot path (bench/bytecodes.py counts it).
+    Same buckets, same values, same exposition.
     """
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
@@ -192,7 +193,7 @@ class ServiceMetrics:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
         # labels() takes a lock and builds a key on every call: keep each route's children.
-        self._answered: dict[tuple[str, int], tuple] = {}
+        self._answered: dict[tuple[str, int], tuple[Counter, BisectHistogram]] = {}
 
     def request_answered(self, route: str, status: int, seconds: float) -> None:
         children = self._answered.get((route, status))
@@ -255,7 +256,7 @@ def ready_workers() -> int:
     return count
 
 
-def worker_models() -> list[dict]:
+def worker_models() -> list[dict[str, Any]]:
     """The name and version each live worker serves, by pid (multiprocess mode only)."""
     served = []
     for path in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("gauge_liveall_*.db"):

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
@@ -33,6 +34,9 @@ from app.admission import hold_connection
 from app.asgi import Headers, send_response
 from app.batching import ClientGone
 from app.errors import BlinkError, DeadlineExceeded, NotReady, Overloaded
+
+if TYPE_CHECKING:
+    from app.service import ModelService
 
 log = logging.getLogger("blink.requests")
 
@@ -88,7 +92,7 @@ async def serve_request(
     route: str,
     handler: Handler,
     render_error: ErrorRenderer,
-    service,
+    service: ModelService,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -125,7 +129,7 @@ async def serve_request(
 
 
 async def refuse(
-    service,
+    service: ModelService,
     exc: BaseException,
     render_error: ErrorRenderer,
     receive: Receive,

@@ -7,11 +7,12 @@ softmax of their own (manifest output kind `probabilities`), the probabilities t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-# Up to this many classes, plain Python floats beat numpy's per-call overhead (measured: 7 us
-# against 25 us for 10 classes); beyond it numpy's vectorised path wins.
+# Up to this many classes, plain Python floats beat numpy's per-call overhead; beyond it numpy's
+# vectorised path wins (bench/bytecodes.py and bench/run.py measure the request path).
 SMALL_OUTPUT = 64
 
 
@@ -19,12 +20,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities over the last axis, computed in float64 for stable scores."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return probabilities
 
 
 def top_k(
     logits: np.ndarray, k: int, labels: list[str], *, probabilities: bool = False
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """The `k` most likely classes of one image's outputs, best first (ties: lower index).
 
     `probabilities`: the outputs are probabilities already; they are ranked and answered as
@@ -39,10 +41,10 @@ def top_k(
         peak = max(values)
         exps = [math.exp(v - peak) for v in values]
         total = sum(exps)
-        probabilities = [e / total for e in exps]
+        scores = [e / total for e in exps]
         # sorted() is stable with reverse=True, so equal scores keep index order
         best = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
     else:
-        probabilities = softmax(logits).tolist()
+        scores = softmax(logits).tolist()
         best = np.argsort(-logits, kind="stable")[:k].tolist()
-    return [{"label": labels[i], "index": i, "score": probabilities[i]} for i in best]
+    return [{"label": labels[i], "index": i, "score": scores[i]} for i in best]

@@ -25,7 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from starlette.datastructures import State
 
 from app.bundle import MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
 from app.metrics import ServiceMetrics
@@ -46,7 +48,7 @@ class ReloadOutcome:
     cpu_seconds: float  # what loading and warming the new version cost in CPU
     error: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "result": self.result,
             "version": self.version,
@@ -111,22 +113,23 @@ def low_priority(function: Callable[..., T], *args: object) -> asyncio.Future[T]
 class ModelHost:
     """Owns which version serves (`state.service`) and the versions still draining."""
 
-    def __init__(self, state, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, state: State, settings: Settings, metrics: ServiceMetrics) -> None:
         self.state = state
         self.settings = settings
         self.metrics = metrics
         self._lock = asyncio.Lock()  # one reload at a time
         self._draining: set[ModelService] = set()
-        self._retirements: set[asyncio.Task] = set()
+        self._retirements: set[asyncio.Task[None]] = set()
         # The last target that failed, with its manifest's mtime: the watcher does not retry it
         # every interval, only once it changes (or the pointer moves on).
         self._failed: tuple[Path, float] | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[object]] = []
         self._signal = False  # whether this process's SIGHUP handler is ours
 
     @property
     def current(self) -> ModelService:
-        return self.state.service
+        service: ModelService = self.state.service
+        return service
 
     def install(self, service: ModelService) -> None:
         """The first version, at start-up (before its warm-up)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -93,7 +95,7 @@ class ModelOut(BaseModel):
     provider: str
     max_batch_size: int
     batching: Batching
-    metrics: dict
+    metrics: dict[str, Any]
 
 
 class ModelList(BaseModel):

@@ -12,7 +12,9 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -25,6 +27,9 @@ from app.errors import NotReady
 from app.metrics import ServiceMetrics, ready_workers, worker_models
 from app.preprocess import Preprocessor
 from app.settings import Settings, usable_cores
+
+if TYPE_CHECKING:
+    from app.batching import _Pending
 
 log = logging.getLogger("blink.service")
 
@@ -61,7 +66,8 @@ class ModelService:
         # worker writes every change (a scrape reads other workers' files, not their state).
         self._count_in_flight = metrics.multiprocess
         self.preprocessor = Preprocessor(manifest.input, settings.max_image_pixels)
-        this = weakref.ref(self)
+        # the batcher and admission live no longer than this service, so `this()` is never None
+        this = cast("Callable[[], ModelService]", weakref.ref(self))
         self.batcher = MicroBatcher(
             self.engine.run,
             max_batch_size=settings.max_batch_size,
@@ -127,7 +133,7 @@ class ModelService:
             return f"{warm} of {workers} workers have warmed up"
         return None
 
-    def workers(self) -> list[dict]:
+    def workers(self) -> list[dict[str, Any]]:
         """The name and version each worker process serves; this one's from itself."""
         own = {"pid": os.getpid(), "name": self.model_fields["name"]}
         own["version"] = self.model_fields["version"]
@@ -207,7 +213,9 @@ class ModelService:
         self.metrics.decode_duration.observe(elapsed)
         return tensor, elapsed
 
-    def submit(self, tensor: np.ndarray, deadline: float, client_gone: GoneProbe | None = None):
+    def submit(
+        self, tensor: np.ndarray, deadline: float, client_gone: GoneProbe | None = None
+    ) -> _Pending:
         if not self.ready:
             raise NotReady("model is warming up")
         return self.batcher.submit(tensor, deadline, client_gone)

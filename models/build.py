@@ -24,9 +24,10 @@ DEFAULTS = {
     "width": 24,
     "depth": 1,
 }
-# The default schedule, sized to build in about 10 minutes on two cores: 18 epochs where training
-# runs in mixed precision (a CPU with native bf16, or CUDA), 6 where it is plain fp32 (1.6x slower
-# per step on the same CPU, and AVX2-only CPUs slower still). Both are recorded in the manifest.
+# The default schedule, sized for a build budget of about 10 minutes on two cores: 18 epochs where
+# training runs in mixed precision (a CPU with native bf16, or CUDA), 6 where it is plain fp32
+# (slower per step on the same CPU, and AVX2-only CPUs slower still; the report records each
+# stage's seconds). Both are recorded in the manifest.
 DEFAULT_EPOCHS = {"mixed": 18, "fp32": 6}
 # Transfer learning's defaults, sized to build in under 10 minutes on two cores with the
 # textile comparison of docs/transfer-learning.md (2,000 photos).
@@ -119,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=DEFAULTS["width"], help="stem channels")
     t.add_argument("--depth", type=int, default=DEFAULTS["depth"], help="blocks per stage")
     # Off by default: six epochs underfit (train accuracy stays below validation's), and erasing
-    # a quarter of the images cost 0.5 points there; longer schedules may want it back.
+    # images cost accuracy there (compare the reports of two builds); longer schedules may want it.
     t.add_argument("--erase", type=float, default=0.0, help="random-erasing probability per image")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
@@ -354,6 +355,7 @@ def build_transfer(state: BuildState) -> Path:
         images, labels = dataset.train_images, dataset.train_labels
         train_set = (images[train_index], labels[train_index])
         val_set = (images[val_index], labels[val_index])
+        assert dataset.train_sources is not None  # a folder dataset lists its files
         sources = [dataset.train_sources[i] for i in train_index]
         contexts = finetune.context_images(sources, spec) if args.views > 1 else images
         log(

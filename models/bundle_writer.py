@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from models.pipeline import (
     replace_symlink,
     verify,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| logit difference tolerated for fp32
@@ -218,7 +222,13 @@ def quantize(model, directory: Path, calibration: np.ndarray, method: str, *, qa
         source.unlink()
 
 
-def quantization_aware(state, model, splits, mean, std):
+def quantization_aware(
+    state: BuildState,
+    model: nn.Module,
+    splits: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    mean: list[float],
+    std: list[float],
+) -> nn.Module:
     from models import qat
     from models import train as training
 

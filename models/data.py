@@ -16,7 +16,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -126,20 +126,21 @@ def load_fashion_mnist(directory: Path) -> Dataset:
             "(apt-get install dataset-fashion-mnist, which puts the idx.gz files in "
             f"{FASHION_MNIST_DIR}) or pass --data-dir with the four *-ubyte.gz files"
         )
-    raw = {key: path.read_bytes() for key, path in paths.items()}
+    found = cast("dict[str, Path]", paths)  # none is None past the check above
+    raw = {key: path.read_bytes() for key, path in found.items()}
     arrays = {
-        key: parse_idx(data, 3 if key.endswith("images") else 1, paths[key].name)
+        key: parse_idx(data, 3 if key.endswith("images") else 1, found[key].name)
         for key, data in raw.items()
     }
     for part in ("train", "test"):
         check_pairs(
             arrays[f"{part}_images"],
             arrays[f"{part}_labels"],
-            paths[f"{part}_images"],
-            paths[f"{part}_labels"],
+            found[f"{part}_images"],
+            found[f"{part}_labels"],
         )
         check_label_range(
-            arrays[f"{part}_labels"], len(FASHION_MNIST_LABELS), paths[f"{part}_labels"].name
+            arrays[f"{part}_labels"], len(FASHION_MNIST_LABELS), found[f"{part}_labels"].name
         )
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise DatasetError(
@@ -154,7 +155,7 @@ def load_fashion_mnist(directory: Path) -> Dataset:
         train_labels=arrays["train_labels"].astype(np.int64),
         test_images=arrays["test_images"][..., None],
         test_labels=arrays["test_labels"].astype(np.int64),
-        files={paths[key].name: sha256_bytes(data) for key, data in raw.items()},
+        files={found[key].name: sha256_bytes(data) for key, data in raw.items()},
     )
 
 
@@ -480,7 +481,8 @@ def decode_files(paths: list[Path], spec: InputSpec) -> dict[Path, np.ndarray | 
 def stack(
     items: list[tuple[Path, int]], pixels: dict[Path, np.ndarray | None]
 ) -> tuple[np.ndarray, np.ndarray]:
-    images = np.stack([pixels[path] for path, _ in items])
+    decoded = cast("dict[Path, np.ndarray]", pixels)  # `items` holds only files that decoded
+    images = np.stack([decoded[path] for path, _ in items])
     return images, np.array([label for _, label in items], np.int64)
 
 

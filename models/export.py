@@ -71,6 +71,7 @@ def export_onnx(
             external_data=False,
             optimize=True,
         )
+    assert program is not None  # the dynamo exporter always returns its program
     program.save(str(path), external_data=False)
     proto = onnx.load(str(path))
     proto.graph.name = "blink"

@@ -16,6 +16,7 @@ import copy
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ class InvertedResidual(nn.Module):
     """One EfficientNet-Lite MBConv block, rebuilt from `nn.Sequential` conv-BN-ReLU6 units so
     that export folds its batch norms and QAT finds its convolutions (models/export.py)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: Any) -> None:  # the library's MBConvBlock, untyped
         super().__init__()
         if block.has_se:
             raise ValueError("squeeze-and-excitation blocks are not supported (Lite has none)")

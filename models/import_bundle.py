@@ -14,6 +14,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -31,6 +32,9 @@ from app.bundle import (
 from models import evaluate as evaluation
 from models import import_inputs as inputs
 from models import importer, onnx_graph
+
+if TYPE_CHECKING:
+    from torch import nn
 from models.pipeline import (
     BuildError,
     BuildState,
@@ -53,7 +57,8 @@ class Source:
     model: onnx.ModelProto
     labels: list[str]
     name: str
-    torch_model: object = None  # set for a pretrained backbone: its export is checked against it
+    # set for a pretrained backbone: its export is checked against it
+    torch_model: nn.Module | None = None
     parity: float | None = None  # max |torch - ONNX Runtime| of that export
 
 
@@ -229,6 +234,7 @@ def source_parity(source: Source, path: Path, spec: InputSpec) -> None:
     import torch
 
     images = np.random.default_rng(0).normal(0, 1, (4, *spec.sample_shape)).astype(np.float32)
+    assert source.torch_model is not None  # the caller checks
     with torch.no_grad():
         expected = source.torch_model(torch.from_numpy(images)).numpy()
     (actual,) = onnx_graph.session(path).run(None, {spec.name: images})

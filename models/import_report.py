@@ -7,10 +7,11 @@ hits need the sample photos; whatever was not measured is said to be not measure
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
-from app.bundle import Manifest
+from app.bundle import Manifest, VariantFile
 from models.pipeline import BuildState
 from models.report import PLOTS, confusion_table, plot_confusion
 
@@ -31,14 +32,14 @@ def write_report(directory: Path, manifest: Manifest, state: BuildState, checks)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {s.name} | {s.seconds:.1f} |" for s in state.stages]
     lines += ["", "## Provenance", ""]
-    libraries = manifest.provenance.get("libraries", {})
+    libraries: Any = manifest.provenance.get("libraries", {})
     lines.append(", ".join(f"{k} {v}" for k, v in libraries.items()) + ".")
     (directory / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def summary(manifest: Manifest, state: BuildState) -> list[str]:
     spec, output = manifest.input, manifest.output
-    provenance = manifest.provenance
+    provenance: dict[str, Any] = manifest.provenance  # JSON the import wrote
     gate = provenance.get("gate", {})
     origin = provenance.get("imported", {})
     what = (
@@ -74,8 +75,9 @@ def variants_table(manifest: Manifest) -> list[str]:
         "| variant | file | size | batch 1 ms | batch 1 img/s | batch 32 img/s |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    variant_files = cast("dict[str, VariantFile]", manifest.variants)
     for variant, metrics in manifest.metrics.items():
-        entry = manifest.variants[variant]
+        entry = variant_files[variant]
         lines.append(
             f"| {variant} | {entry.file} | {entry.size / 1024:.0f} KiB "
             f"| {metrics['batch1_latency_ms']:.2f} | {metrics['batch1_images_per_s']:.0f} "
@@ -88,7 +90,7 @@ def variants_table(manifest: Manifest) -> list[str]:
 
 
 def measured(manifest: Manifest, checks, served: str) -> list[str]:
-    metrics = manifest.metrics
+    metrics: dict[str, dict[str, Any]] = manifest.metrics
     lines = ["", "## Measured", ""]
     if any("accuracy" in m for m in metrics.values()):
         lines += ["| variant | accuracy | macro F1 |", "|---|---:|---:|"]

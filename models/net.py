@@ -13,6 +13,7 @@ shrinks.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ class NetConfig:
 
     def stage_widths(self) -> list[int]:
         """Widths of the downsampling stages: double each time, until the map is <= 8 pixels."""
+        widths: list[int]
         widths, size = [], min(self.input_height, self.input_width)
         while size > 8 and len(widths) < 4:
             size //= 2
@@ -98,7 +100,7 @@ class Net(nn.Module):
         # which lets short schedules use a high learning rate from the first step.
         for module in self.modules():
             if isinstance(module, Residual):
-                nn.init.zeros_(module.conv2[1].weight)
+                nn.init.zeros_(cast(nn.BatchNorm2d, module.conv2[1]).weight)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -8,14 +8,16 @@ filter times the magnitude of its batch-norm scale, i.e. how much it can move th
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
+from torch import nn
 
 from models.net import Net, NetConfig, Residual
 
 
 def channel_strength(block: Residual) -> torch.Tensor:
-    conv, bn = block.conv1[0], block.conv1[1]
+    conv, bn = cast(nn.Conv2d, block.conv1[0]), cast(nn.BatchNorm2d, block.conv1[1])
     return conv.weight.detach().abs().sum((1, 2, 3)) * bn.weight.detach().abs()
 
 

@@ -10,7 +10,8 @@ float weights that remain sit where static INT8 quantization rounds them to what
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ def fold_efficientnet(model: nn.Module) -> nn.Module:
     Its convs are attributes, not Sequential members, so the pairs are named here: the stem and
     head, and each block's expansion, depthwise and projection convs.
     """
-    folded = copy.deepcopy(model).eval()
+    folded: Any = copy.deepcopy(model).eval()  # the library's EfficientNet class is untyped
     pairs = [(folded, "_conv_stem", "_bn0"), (folded, "_conv_head", "_bn1")]
     for block in folded._blocks:
         pairs += [
@@ -104,7 +105,7 @@ def fold_efficientnet(model: nn.Module) -> nn.Module:
     return folded
 
 
-def input_ranges(model: nn.Module, layers: list[nn.Module], images: np.ndarray) -> list:
+def input_ranges(model: nn.Module, layers: Sequence[nn.Module], images: np.ndarray) -> list:
     """Each layer's input (min, max) over `images`, as ONNX Runtime's min-max calibrator sees
     them on the float model; zero is always inside, as in uint8 with a zero point."""
     seen = [[0.0, 0.0] for _ in layers]
@@ -144,7 +145,7 @@ def distill(
 
     from models.pipeline import log
 
-    folded = fold_efficientnet(teacher)
+    folded: Any = fold_efficientnet(teacher)  # an EfficientNet: its attributes are untyped
     # no stochastic depth or dropout: the student should copy the teacher, not regularise
     folded._global_params = folded._global_params._replace(drop_connect_rate=0.0)
     folded._dropout.p = 0.0
@@ -195,7 +196,8 @@ def local_errors(model: nn.Module, layers: list[nn.Module], images: np.ndarray) 
         return hook
 
     def compare(index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # a parametrized Conv2d or Linear, perhaps the library's (untyped) padded conv
+        def hook(module: Any, args: tuple, output: torch.Tensor) -> None:
             weight = module.parametrizations.weight.original
             x = raw[index]
             if isinstance(module, nn.Linear):

@@ -4,8 +4,9 @@ Activations are unsigned (U8S8): after ReLU they are never negative, so uint8 wi
 uses every code, and ONNX Runtime's x86 kernels are fastest for uint8 x int8.
 
 Weights use 7 bits (`reduce_range`): on x86 without VNNI, the u8 x s8 kernels add pairs of
-products in int16 (VPMADDUBSW), which saturates for 8-bit weights. Measured on this project's
-default model: full-range weights lost 1.3 accuracy points, 7-bit weights 0.01.
+products in int16 (VPMADDUBSW), which saturates for 8-bit weights and costs full-range weights
+accuracy (bench/int8_agreement.py compares the settings; the build's report gives each
+variant's accuracy).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import matplotlib
 
@@ -10,7 +11,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from app.bundle import Manifest
+from app.bundle import Manifest, VariantFile
 from models.data import Dataset
 from models.pipeline import BuildState
 
@@ -86,7 +87,8 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path
 
 def plot_tradeoff(manifest: Manifest, path: Path) -> None:
     figure, (latency_axis, size_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, metrics in manifest.metrics.items():
+    all_metrics: dict[str, dict[str, Any]] = manifest.metrics  # JSON this build wrote
+    for variant, metrics in all_metrics.items():
         accuracy = 100 * float(metrics["accuracy"])
         latency = 1000 / float(metrics["batch32_images_per_s"])
         size_kb = float(metrics["size_bytes"]) / 1024
@@ -114,7 +116,10 @@ def save(figure, path: Path) -> None:
 
 
 def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: str) -> str:
-    provenance = manifest.provenance
+    # the manifest keeps metrics and provenance as loosely typed JSON; this build wrote them
+    provenance: dict[str, Any] = manifest.provenance
+    all_metrics: dict[str, dict[str, Any]] = manifest.metrics
+    variant_files = cast("dict[str, VariantFile]", manifest.variants)
     gate = provenance.get("gate", {})
     lines = [
         f"# {manifest.name} {manifest.version}",
@@ -144,11 +149,11 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         "| batch 32 img/s | vs fp32 at 32 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base = float(manifest.metrics["fp32"]["batch32_images_per_s"])
-    for variant, metrics in manifest.metrics.items():
+    base = float(all_metrics["fp32"]["batch32_images_per_s"])
+    for variant, metrics in all_metrics.items():
         lines.append(
-            f"| {variant} | {manifest.variants[variant].file} "
-            f"| {manifest.variants[variant].size / 1024:.0f} KiB "
+            f"| {variant} | {variant_files[variant].file} "
+            f"| {variant_files[variant].size / 1024:.0f} KiB "
             f"| {100 * float(metrics['accuracy']):.2f}% | {float(metrics['macro_f1']):.4f} "
             f"| {metrics['batch1_images_per_s']:.0f} | {metrics['batch1_latency_ms']:.3f} "
             f"| {metrics['batch32_images_per_s']:.0f} "
@@ -166,7 +171,7 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         "| class | precision | recall | F1 |",
         "|---|---:|---:|---:|",
     ]
-    per_class = manifest.metrics[served]["per_class"]
+    per_class = all_metrics[served]["per_class"]
     for i, label in enumerate(manifest.labels):
         lines.append(
             f"| {label} | {per_class['precision'][i]:.4f} | {per_class['recall'][i]:.4f} "
@@ -176,7 +181,7 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         "",
         f"![confusion matrix]({PLOTS['confusion']})",
         "",
-        *confusion_table(manifest.metrics[served]["confusion_matrix"], manifest.labels),
+        *confusion_table(all_metrics[served]["confusion_matrix"], manifest.labels),
     ]
     lines += ["", "## Training", "", f"![training curves]({PLOTS['curves']})", ""]
     for name, history in state.histories.items():

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app.admission import client_timeout_s
 from app.asgi import Headers, check_length, header_list, read_body, send_response
@@ -120,7 +120,9 @@ def parse_top_k(query_string: bytes, num_classes: int) -> int:
     return k
 
 
-async def read_image(scope: Scope, receive: Receive, headers: dict, limit: int) -> bytes:
+async def read_image(
+    scope: Scope, receive: Receive, headers: dict[bytes, bytes], limit: int
+) -> bytes:
     content_type = headers.get(b"content-type", b"")
     check_length(headers, limit)
     if content_type in RAW_CONTENT_TYPES:  # exactly as listed: no parameters to strip
@@ -140,7 +142,7 @@ def limited(receive: Receive, limit: int) -> Receive:
     """A `receive` that fails once more than `limit` body bytes have arrived (chunked uploads)."""
     seen = 0
 
-    async def receive_within_limit():
+    async def receive_within_limit() -> Message:
         nonlocal seen
         message = await receive()
         seen += len(message.get("body", b""))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from app.errors import NotReady
@@ -11,7 +13,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Status, summary="The process is alive")
-async def healthz() -> dict:
+async def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 
@@ -21,7 +23,7 @@ async def healthz() -> dict:
     summary="The model is loaded and warmed up (in every worker); which version each serves",
     responses={503: {"model": ErrorResponse, "description": "Still warming up"}},
 )
-async def readyz(request: Request) -> dict:
+async def readyz(request: Request) -> dict[str, Any]:
     service = request.app.state.service
     reason = service.not_ready_reason()
     if reason is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from app.schemas import ModelList
@@ -10,7 +12,7 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList, summary="The served model, its labels and input")
-async def list_models(request: Request) -> dict:
+async def list_models(request: Request) -> dict[str, Any]:
     service = request.app.state.service
     manifest = service.bundle.manifest
     spec = manifest.input

@@ -14,6 +14,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -56,7 +57,7 @@ class RequestedOutput:
 @dataclass(slots=True)
 class InferRequest:
     id: str | None
-    parameters: dict
+    parameters: dict[str, Any]
     inputs: list[Tensor]
     outputs: list[RequestedOutput] | None  # None: every output
     binary_output: bool  # the request-wide default for outputs not asked for by name
@@ -130,7 +131,7 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     )  # fmt: skip
 
 
-def mapping(value: object, what: str) -> dict:
+def mapping(value: object, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -138,9 +139,10 @@ def mapping(value: object, what: str) -> dict:
     return value
 
 
-def tensor_header(raw: object) -> tuple[str, str, tuple[int, ...], dict]:
+def tensor_header(raw: object) -> tuple[str, str, tuple[int, ...], dict[str, Any]]:
     if not isinstance(raw, dict):
         raise bad("each input must be a JSON object")
+    shape: Any  # a list of ints once `valid_shape` has held
     name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
     if not isinstance(name, str) or not name:
         raise bad("each input needs a 'name'")
@@ -214,7 +216,9 @@ def bytes_elements(chunk: memoryview, count: int, name: str) -> np.ndarray:
     return elements
 
 
-def from_json(data: object, datatype: str, count: int, name: str, parameters: dict) -> np.ndarray:
+def from_json(
+    data: object, datatype: str, count: int, name: str, parameters: dict[str, Any]
+) -> np.ndarray:
     if datatype == BYTES:
         flat = flatten(data)
         if len(flat) != count:
@@ -245,7 +249,7 @@ def json_bytes(item: str, base64_encoded: bool, name: str, index: int) -> bytes:
         raise bad(f"input {name!r}: element {index} is not valid base64") from exc
 
 
-def flatten(data: object) -> list:
+def flatten(data: object) -> list[Any]:
     if not isinstance(data, list):
         return [data]
     if all(not isinstance(item, list) for item in data):
@@ -285,11 +289,13 @@ class OutputTensor:
     binary: bool
 
 
-def encode_response(header: dict, outputs: list[OutputTensor]) -> tuple[bytes, int | None]:
+def encode_response(
+    header: dict[str, Any], outputs: list[OutputTensor]
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary tensors follow it."""
     entries, blobs = [], []
     for output in outputs:
-        entry: dict = {
+        entry: dict[str, Any] = {
             "name": output.name,
             "datatype": output.datatype,
             "shape": list(output.data.shape),

@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.types import Receive
 
-from app.batching import BatchResult
+from app.batching import BatchResult, MicroBatcher
 from app.disconnect import as_reason, disconnect_probe, wait_all
 from app.errors import BlinkError
 from app.service import ModelService
@@ -22,6 +23,9 @@ from app.v2.codec import encode_response, parse_request
 from app.v2.errors import V2Error
 from app.v2.model import ServedModel
 from app.v2.stats import StageTimes
+
+if TYPE_CHECKING:
+    from app.batching import _Pending
 
 
 @dataclass(slots=True)
@@ -70,7 +74,7 @@ async def infer(
     return Answer(encoded, header_length, len(pixels), times, results)
 
 
-def timeout_s(parameters: dict, server_timeout_s: float) -> float:
+def timeout_s(parameters: dict[str, Any], server_timeout_s: float) -> float:
     """`parameters.timeout` (microseconds, as Triton's clients send it), within the server's."""
     timeout = parameters.get("timeout")
     if timeout is None or timeout == 0:  # 0: no timeout of its own, as in Triton
@@ -117,7 +121,7 @@ async def run_blocks(
     return await wait_all(batcher, pendings, receive, probe)
 
 
-async def drop(batcher, pendings: list, exc: BaseException) -> None:
+async def drop(batcher: MicroBatcher, pendings: list[_Pending], exc: BaseException) -> None:
     """Take back blocks already queued, and collect their answers."""
     for pending in pendings:
         batcher.cancel(pending, as_reason(exc))

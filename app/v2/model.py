@@ -9,6 +9,7 @@ is probabilities already (it has no logits to give, and gets no second softmax).
 
 from __future__ import annotations
 
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import numpy as np
@@ -106,7 +107,8 @@ class ServedModel:
                 f"input {tensor.name!r} must be BYTES with shape [-1] (N >= 1 encoded images), "
                 f"got {tensor.datatype} {list(tensor.shape)}"
             )
-        return tensor.data.tolist()
+        images: list[bytes] = tensor.data.tolist()
+        return images
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -159,7 +161,7 @@ class ServedModel:
 
     # -- descriptions --------------------------------------------------------------------------
 
-    def _metadata(self) -> dict:
+    def _metadata(self) -> dict[str, Any]:
         classes = len(self.labels)
         return {
             "name": self.name,
@@ -185,7 +187,7 @@ class ServedModel:
             ],
         }
 
-    def _preprocessing(self) -> dict:
+    def _preprocessing(self) -> dict[str, Any]:
         """How `image` inputs become the tensor input: the manifest's input description."""
         spec = self.input_spec
         return {
@@ -198,7 +200,7 @@ class ServedModel:
             "std": orjson.dumps(spec.std).decode(),
         }
 
-    def _config(self, service: ModelService) -> dict:
+    def _config(self, service: ModelService) -> dict[str, Any]:
         """Triton's model configuration, in its JSON form, so Triton tooling can read it."""
         settings, engine = service.settings, service.engine
         on_gpu = engine.provider != "CPUExecutionProvider"

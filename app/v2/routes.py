@@ -7,7 +7,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
@@ -70,12 +70,12 @@ def model_for(request: Request, name: str, version: str | None = None) -> Served
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata and extensions")
-async def server_metadata(request: Request) -> dict:
+async def server_metadata(request: Request) -> dict[str, Any]:
     return {"name": "blink", "version": request.app.version, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", summary="The server is alive")
-async def server_live() -> dict:
+async def server_live() -> dict[str, Any]:
     return {"live": True}
 
 
@@ -84,7 +84,7 @@ async def server_live() -> dict:
     summary="The model is loaded and warmed up",
     responses={503: {"model": ProtocolError}},
 )
-async def server_ready(request: Request) -> dict:
+async def server_ready(request: Request) -> dict[str, Any]:
     check_ready(request.app.state.service)
     return {"ready": True}
 
@@ -97,7 +97,7 @@ def check_ready(service: ModelService) -> None:
 
 
 @router.get("/models/stats", summary="Statistics of every model (statistics extension)")
-async def all_statistics(request: Request) -> dict:
+async def all_statistics(request: Request) -> dict[str, Any]:
     model = served_model(request.app.state.service)
     return {"model_stats": [model.stats.as_dict(model.name, model.version)]}
 
@@ -109,7 +109,9 @@ async def all_statistics(request: Request) -> dict:
     responses=ERRORS,
     summary="Model metadata: its inputs and outputs",
 )
-async def model_metadata(request: Request, model_name: str, model_version: str = "") -> dict:
+async def model_metadata(
+    request: Request, model_name: str, model_version: str = ""
+) -> dict[str, Any]:
     return model_for(request, model_name, model_version).metadata
 
 
@@ -119,7 +121,7 @@ async def model_metadata(request: Request, model_name: str, model_version: str =
     responses=ERRORS,
     summary="The model can take requests",
 )
-async def model_ready(request: Request, model_name: str, model_version: str = "") -> dict:
+async def model_ready(request: Request, model_name: str, model_version: str = "") -> dict[str, Any]:
     model = model_for(request, model_name, model_version)
     check_ready(request.app.state.service)
     return {"name": model.name, "ready": True}
@@ -131,7 +133,9 @@ async def model_ready(request: Request, model_name: str, model_version: str = ""
     responses=ERRORS,
     summary="Triton's model configuration (model_configuration extension)",
 )
-async def model_config(request: Request, model_name: str, model_version: str = "") -> dict:
+async def model_config(
+    request: Request, model_name: str, model_version: str = ""
+) -> dict[str, Any]:
     return model_for(request, model_name, model_version).config
 
 
@@ -141,7 +145,9 @@ async def model_config(request: Request, model_name: str, model_version: str = "
     responses=ERRORS,
     summary="Per-stage counts and durations in Triton's shape (statistics extension)",
 )
-async def model_statistics(request: Request, model_name: str, model_version: str = "") -> dict:
+async def model_statistics(
+    request: Request, model_name: str, model_version: str = ""
+) -> dict[str, Any]:
     model = model_for(request, model_name, model_version)
     return {"model_stats": [model.stats.as_dict(model.name, model.version)]}
 
@@ -303,11 +309,13 @@ def respond(
 )
 async def not_in_protocol(request: Request, path: str) -> Response:
     """Anything else under /v2 (shared memory, repository, trace...) answers in V2's shape."""
+    routes = cast("list[APIRoute]", router.routes)  # every route here is a V2Route
     allowed = {
         method
-        for route in router.routes
+        for route in routes
         if route.path != "/v2/{path:path}" and route.matches(request.scope)[0] == Match.PARTIAL
-        for method in route.methods
+        # starlette declares `methods` optional; an APIRoute always sets it
+        for method in route.methods  # type: ignore[union-attr]
     }
     if allowed:  # RFC 9110: a 405 lists the methods the resource has
         allow = ", ".join(sorted(allowed))

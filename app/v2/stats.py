@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from weakref import WeakValueDictionary
 
 import numpy as np
@@ -37,7 +38,7 @@ class Duration:
         self.count += 1
         self.ns += round(seconds * 1e9)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, int]:
         return {"count": self.count, "ns": self.ns}
 
 
@@ -88,7 +89,7 @@ class ModelStatistics:
         self.execution_count += 1
         self.batch_infer.setdefault(result.batch_size, Duration()).add(result.inference_s)
 
-    def as_dict(self, name: str, version: str) -> dict:
+    def as_dict(self, name: str, version: str) -> dict[str, Any]:
         return {
             "name": name,
             "version": version,
