@@ -138,8 +138,10 @@ def export_onnx(name: str, path: Path, *, tensor_name: str = "input", output_nam
     size = pretrained_spec(name).size
     example = torch.zeros(1, 3, size, size)
     with quiet_stdout(), torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter's notes on Slice folding, not about the result
+        # the TorchScript exporter's notes on Slice folding, not about the result, and its own
+        # deprecation notices: this export path is the one that matches torch for these models
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         model = load_backbone(name)  # its loader prints a line on stdout
         torch.onnx.export(
             model,
