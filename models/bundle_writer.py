@@ -21,15 +21,14 @@ from app.bundle import (
     MANIFEST_FILE,
     InputSpec,
     Manifest,
-    VariantFile,
     load_bundle,
-    sha256_of,
 )
 from app.engine import Engine
 from models import evaluate as evaluation
 from models import net as nets
 from models.data import Dataset
 from models.pipeline import (
+    VARIANT_FILES,
     BuildError,
     BuildState,
     GateFailed,
@@ -38,13 +37,13 @@ from models.pipeline import (
     quiet_stdout,
     remove_tree,
     replace_symlink,
+    variant_entries,
     verify,
 )
 
 if TYPE_CHECKING:
     from torch import nn
 
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| logit difference tolerated for fp32
 PARITY_PIXELS = 2_000_000  # input pixels compared in the parity check (at most 512 images)
 # Each speed round is capped in time, so a 224x224 backbone measures in seconds, not minutes.
@@ -276,14 +275,7 @@ def make_manifest(state, dataset, spec, directory, variants, name, version, metr
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         labels=dataset.labels,
         input=spec,
-        variants={
-            v: VariantFile(
-                file=VARIANT_FILES[v],
-                sha256=sha256_of(directory / VARIANT_FILES[v]),
-                size=(directory / VARIANT_FILES[v]).stat().st_size,
-            )
-            for v in variants
-        },
+        variants=variant_entries(directory, variants),
         metrics=metrics,
         provenance={
             "dataset": {

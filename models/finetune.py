@@ -22,13 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from app.bundle import InputSpec
 from models import train as training
 from models.augment import ViewConfig, random_view
 from models.features import FrozenFeatures, cache_views
-from models.pipeline import log, quiet_stdout
+from models.pipeline import log, progress, quiet_stdout
 
 CHECKPOINT_KIND = "transfer"
 
@@ -296,15 +295,7 @@ def tune(model: TransferNet, cache: Cache, config: FineTuneConfig, histories, be
         order = torch.randperm(n, generator=generator)
         chosen = torch.randint(views, (n,), generator=generator)
         total = correct = 0.0
-        bar = tqdm(
-            range(steps),
-            desc=f"tune {epoch}/{config.tune_epochs}",
-            unit="batch",
-            leave=False,
-            disable=True if config.quiet else None,
-            mininterval=1.0,
-            dynamic_ncols=True,
-        )
+        bar = progress(steps, f"tune {epoch}/{config.tune_epochs}", quiet=config.quiet)
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = torch.from_numpy(cache.train[index.numpy(), chosen[index].numpy()]).float()

@@ -25,7 +25,6 @@ from app.bundle import (
     InputSpec,
     Manifest,
     OutputSpec,
-    VariantFile,
     load_bundle,
     sha256_of,
 )
@@ -36,6 +35,7 @@ from models import importer, onnx_graph
 if TYPE_CHECKING:
     from torch import nn
 from models.pipeline import (
+    VARIANT_FILES,
     BuildError,
     BuildState,
     GateFailed,
@@ -43,10 +43,10 @@ from models.pipeline import (
     log,
     remove_tree,
     replace_symlink,
+    variant_entries,
     verify,
 )
 
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| output difference tolerated for an export
 CONFIDENT = 0.5  # fp32 top-class probability from which an image counts as unambiguous
 
@@ -438,14 +438,7 @@ def make_manifest(state, source: Source, spec, output, directory, variants, metr
         labels=source.labels,
         input=spec,
         output=output,
-        variants={
-            v: VariantFile(
-                file=VARIANT_FILES[v],
-                sha256=sha256_of(directory / VARIANT_FILES[v]),
-                size=(directory / VARIANT_FILES[v]).stat().st_size,
-            )
-            for v in variants
-        },
+        variants=variant_entries(directory, variants),
         metrics=metrics,
         provenance={
             "imported": origin,

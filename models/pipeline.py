@@ -12,10 +12,17 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from app.bundle import Precision, VariantFile, sha256_of
+
+# The files a bundle's variants live in (the contract in DESIGN.md).
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
 class BuildError(Exception):
@@ -119,3 +126,31 @@ def verify(directory: Path) -> None:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def variant_entries(directory: Path, variants: Iterable[Precision]) -> dict[Precision, VariantFile]:
+    """The manifest's `variants`: each written file with its sha256 and size."""
+    return {
+        v: VariantFile(
+            file=VARIANT_FILES[v],
+            sha256=sha256_of(directory / VARIANT_FILES[v]),
+            size=(directory / VARIANT_FILES[v]).stat().st_size,
+        )
+        for v in variants
+    }
+
+
+def progress(steps: int, desc: str, *, unit: str = "batch", quiet: bool = False) -> Any:
+    """A tqdm bar over range(steps): shown on a terminal, off in a log file (disable=None) or
+    when quiet; the stage and epoch lines print either way."""
+    from tqdm import tqdm
+
+    return tqdm(
+        range(steps),
+        desc=desc,
+        unit=unit,
+        leave=False,
+        disable=True if quiet else None,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )

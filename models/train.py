@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from models.pipeline import progress
+
 WEIGHT_DECAY = {"adamw": 5e-2, "sgd": 5e-4}  # AdamW's is decoupled, hence much larger
 
 
@@ -268,16 +270,7 @@ def train(
         started = time.perf_counter()
         order = torch.randperm(len(labels), generator=generator).to(dev)
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{desc} {epoch}/{config.epochs}",
-            unit="batch",
-            leave=False,
-            # None: a bar on a terminal, none in a log file (the epoch lines still print)
-            disable=True if config.quiet else None,
-            mininterval=1.0,
-            dynamic_ncols=True,
-        )
+        bar = progress(steps_per_epoch, f"{desc} {epoch}/{config.epochs}", quiet=config.quiet)
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = normalize(augment(images[index])).contiguous(memory_format=torch.channels_last)
