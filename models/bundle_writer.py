@@ -8,7 +8,6 @@ the gate passed and the service's own loader and engine accepted the result.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from app.bundle import (
-    LATEST_POINTER,
     MANIFEST_FILE,
     InputSpec,
     Manifest,
@@ -31,14 +29,11 @@ from models.pipeline import (
     VARIANT_FILES,
     BuildError,
     BuildState,
-    GateFailed,
     library_versions,
     log,
+    publish,
     quiet_stdout,
-    remove_tree,
-    replace_symlink,
     variant_entries,
-    verify,
 )
 
 if TYPE_CHECKING:
@@ -62,34 +57,20 @@ def write_bundle(
     """`spec`: the input the model was trained for (a pretrained backbone's); default: the
     dataset's size and colour, centre-cropped, with `mean` and `std`."""
     name, version = state.name, state.version
-    home = state.args.out / name
-    final = home / version
-    staging = home / f".{version}.partial"
-    remove_tree(staging)
-    staging.mkdir(parents=True)
-    try:
-        spec = spec or InputSpec(
-            height=dataset.size[0],
-            width=dataset.size[1],
-            channels=dataset.channels,
-            color=dataset.color,
-            resize="center_crop",
-            mean=mean,
-            std=std,
-        )
-        manifest, failures = assemble(state, dataset, model, splits, spec, staging, name, version)
-        os.replace(staging, final)
-    except BaseException:
-        remove_tree(staging)
-        raise
-    if failures:
-        raise GateFailed(
-            "; ".join(failures) + f" (bundle kept at {final} for inspection; latest not moved)"
-        )
-    verify(final)
-    replace_symlink(home / LATEST_POINTER, version)
-    log(f"bundle {final} ({manifest.variants['fp32'].size} bytes fp32), latest -> {version}")
-    return final
+    spec = spec or InputSpec(
+        height=dataset.size[0],
+        width=dataset.size[1],
+        channels=dataset.channels,
+        color=dataset.color,
+        resize="center_crop",
+        mean=mean,
+        std=std,
+    )
+    return publish(
+        state.args.out / name,
+        version,
+        lambda staging: assemble(state, dataset, model, splits, spec, staging, name, version),
+    )
 
 
 def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, name, version):

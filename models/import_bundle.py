@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ import numpy as np
 import onnx
 
 from app.bundle import (
-    LATEST_POINTER,
     MANIFEST_FILE,
     InputSpec,
     Manifest,
@@ -38,13 +36,10 @@ from models.pipeline import (
     VARIANT_FILES,
     BuildError,
     BuildState,
-    GateFailed,
     default_version,
     log,
-    remove_tree,
-    replace_symlink,
+    publish,
     variant_entries,
-    verify,
 )
 
 PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| output difference tolerated for an export
@@ -91,23 +86,9 @@ def write_import(args: argparse.Namespace, argv: list[str], source: Source) -> P
     graph = onnx_graph.describe(source.model)
     spec = importer.describe_input(args, graph, source.path)
     output = importer.describe_output(args, graph, source.labels, source.path)
-    staging = home / f".{state.version}.partial"
-    remove_tree(staging)
-    staging.mkdir(parents=True)
-    try:
-        manifest, failures = assemble(state, source, spec, output, staging)
-        os.replace(staging, final)
-    except BaseException:
-        remove_tree(staging)
-        raise
-    if failures:
-        raise GateFailed(
-            "; ".join(failures) + f" (bundle kept at {final} for inspection; latest not moved)"
-        )
-    verify(final)
-    replace_symlink(home / LATEST_POINTER, state.version)
-    log(f"bundle {final} ({manifest.variants['fp32'].size} bytes fp32), latest -> {state.version}")
-    return final
+    return publish(
+        home, state.version, lambda staging: assemble(state, source, spec, output, staging)
+    )
 
 
 def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directory: Path):

@@ -12,14 +12,14 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.bundle import Precision, VariantFile, sha256_of
+from app.bundle import LATEST_POINTER, Manifest, Precision, VariantFile, sha256_of
 
 # The files a bundle's variants live in (the contract in DESIGN.md).
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
@@ -154,3 +154,26 @@ def progress(steps: int, desc: str, *, unit: str = "batch", quiet: bool = False)
         mininterval=1.0,
         dynamic_ncols=True,
     )
+
+
+def publish(home: Path, version: str, write: Callable[[Path], tuple[Manifest, list[str]]]) -> Path:
+    """Write a bundle into a staging directory with `write`, move it to `home/version`, and
+    move `latest` only when the gate passed (`write` returns the gate's failures)."""
+    final = home / version
+    staging = home / f".{version}.partial"
+    remove_tree(staging)
+    staging.mkdir(parents=True)
+    try:
+        manifest, failures = write(staging)
+        os.replace(staging, final)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    if failures:
+        raise GateFailed(
+            "; ".join(failures) + f" (bundle kept at {final} for inspection; latest not moved)"
+        )
+    verify(final)
+    replace_symlink(home / LATEST_POINTER, version)
+    log(f"bundle {final} ({manifest.variants['fp32'].size} bytes fp32), latest -> {version}")
+    return final
