@@ -49,6 +49,7 @@ from PIL import Image
 
 from app.bundle import resolve_bundle_dir
 from bench.images import grey_images
+from loadtest.overload import wait_ready
 from loadtest.processes import free_port, rss_bytes, stop_process
 from loadtest.versions import FAULTS, add_version, point_latest
 
@@ -109,18 +110,6 @@ def server(
     finally:
         if process.poll() is None:
             stop_process(process)
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}; see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s; see {log}")
 
 
 # -- the client --------------------------------------------------------------------------------

@@ -259,16 +259,20 @@ def server(
         stop_process(process)
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen, log: Path | None = None, timeout: float = 120
+) -> None:
+    """Until /readyz answers 200; fails at once if the server exits (pointing to its `log`)."""
+    see = f"; see {log}" if log is not None else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            raise RuntimeError(f"server exited with {process.returncode}{see}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s{see}")
 
 
 async def measure_config(
