@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -96,21 +97,33 @@ def spawn_server(
     env.update(extra_env or {})
     env.update({f"BLINK_{k.upper()}": str(v) for k, v in settings.items()})
     env.update(BLINK_MODEL=str(model), BLINK_HOST="127.0.0.1", BLINK_PORT=str(port))
+    # A file, not a pipe: a server that logs more than a pipe holds (64 KiB) while nobody reads
+    # it blocks on its next log line, and the test would see a hang the server does not have.
+    output = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the process, by stop_process)
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
     )
+    process.stdout = output  # read with server_output(); stop_process closes it
     return process, f"http://127.0.0.1:{port}"
+
+
+def server_output(process: subprocess.Popen) -> str:
+    """What a spawn_server process has written so far (stdout and stderr)."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    # pread: the server shares the file's offset, so reading must not move it
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
 
 def wait_for(url: str, path: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            output = server_output(process)
             raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + path, timeout=1).status_code == 200:

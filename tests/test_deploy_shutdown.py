@@ -22,7 +22,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import spawn_server, wait_for
+from loadtest.processes import stop_process
+from tests.conftest import server_output, spawn_server, wait_for
 from tests.images import png
 from tests.metrics_text import scrape, value
 
@@ -108,9 +109,8 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits(slow_bund
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.stdout is not None  # spawn_server pipes it
-    with process.stdout:
-        output = process.stdout.read().decode(errors="replace")
+    output = server_output(process)
+    stop_process(process)  # already gone: closes its output file
     statuses = [getattr(r, "status_code", repr(r)) for r in outcome["responses"]]
     assert statuses == [200] * REQUESTS, output[-3000:]
     assert outcome["unserved_while_draining"], "the queue emptied before new connections stopped"

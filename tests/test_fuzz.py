@@ -217,14 +217,27 @@ def test_v2_headers_and_binary_sizes_never_cause_a_server_error(server, request,
 
 def test_a_tiny_body_claiming_billions_of_elements_is_refused_before_allocating(server):
     """Found by the long fuzzing profile: an 80-byte request whose BYTES shape claimed 2**31
-    elements made the server allocate an object array for all of them, and be killed."""
+    elements made the server allocate an object array for all of them, and be killed (2**30
+    here: within the bound on shapes, so the binary data's own check is what refuses it)."""
     header = orjson.dumps(
-        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2**31],
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2**30],
                      "parameters": {"binary_data_size": 4}}]}
     )  # fmt: skip
     headers = {"inference-header-content-length": str(len(header))}
     response = server.post("/v2/models/tiny/infer", content=header + bytes(4), headers=headers)
     assert response.status_code == 400 and "cannot hold" in response.json()["error"]
+
+
+def test_an_empty_tensor_with_huge_dimensions_is_refused(server):
+    """Found by the long fuzzing profile: a shape with a zero in it needs no data, and its other
+    dimensions overflowed numpy's reshape as a 500 (whose logged traceback then filled the
+    test's unread pipe and wedged the server)."""
+    header = orjson.dumps(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": [0, 2**40, 2**40], "data": []}]}
+    )
+    headers = {"inference-header-content-length": str(len(header))}
+    response = server.post("/v2/models/tiny/infer", content=header, headers=headers)
+    assert response.status_code == 400 and "more than" in response.json()["error"]
 
 
 def test_fuzzing_starts_from_valid_images(server):

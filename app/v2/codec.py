@@ -37,6 +37,8 @@ NUMERIC_TYPES = {
 }
 BYTES = "BYTES"
 _LENGTH = struct.Struct("<I")
+# Far beyond any input the service accepts (the body limit comes first), and within numpy's size.
+MAX_ELEMENTS = 2**31 - 1
 
 
 @dataclass(slots=True)
@@ -153,6 +155,10 @@ def tensor_header(raw: object) -> tuple[str, str, tuple[int, ...], dict[str, Any
     )
     if not valid_shape:
         raise bad(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    # A shape with a zero in it needs no data however large its other dimensions are; bound
+    # them all, or reshaping to it fails inside numpy as a server error.
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise bad(f"input {name!r}: shape {shape} has more than {MAX_ELEMENTS} elements")
     return (
         name,
         datatype,
