@@ -25,8 +25,8 @@ import onnxruntime as ort
 
 from app.postprocess import softmax
 from models import photos
-from models.import_bundle import preprocess_images, write_fp16
-from models.pretrained import export_onnx, pretrained_spec
+from models.import_bundle import bias_corrected_onnx, preprocess_images, write_fp16
+from models.pretrained import export_model, export_onnx, pretrained_spec
 from models.quantize import quantize_int8, quiet_logs
 
 NAME = "efficientnet-lite0"
@@ -131,22 +131,10 @@ def self_distilled(teacher, spec, calib: np.ndarray, args, target: Path) -> Path
 
 
 def export_folded(student, spec, target: Path) -> Path:
-    import torch
-
-    raw = target.with_suffix(".raw.onnx")
-    with torch.no_grad():
-        torch.onnx.export(
-            student,
-            (torch.zeros(1, *spec.sample_shape),),
-            str(raw),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    raw = target.with_suffix(".raw.onnx")
+    export_model(student, spec.height, raw)
     with quiet_logs():
         quant_pre_process(str(raw), str(target))
     return target
@@ -229,10 +217,8 @@ def main() -> None:
             "percentile, stem+head+fc fp32", fp32, calib, method="percentile", nodes_to_exclude=ends
         )
     if wanted("bias") or wanted("bias-percentile"):
-        from models import qat
-
-        corrected = qat.bias_corrected(torch_model, calib)
-        corrected_path = export_folded(corrected, spec, work / "bc.onnx")
+        # exactly what `blink import --pretrained` quantizes
+        corrected_path = bias_corrected_onnx(torch_model, calib, spec, True, work / "bc.onnx")
         if wanted("bias"):
             int8("bias-corrected, minmax", corrected_path, calib)
         if wanted("bias-percentile"):

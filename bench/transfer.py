@@ -22,10 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# The textiles' defects can sit anywhere in the frame: the fine-tuned models see all of it, as
+# the from-scratch CNN does (it resizes the whole image).
+LITE0 = ["--pretrained", "efficientnet-lite0", "--crop-fraction", "1"]
 CONFIGS = {
     "scratch CNN": [],
-    "Lite0 head only": ["--pretrained", "efficientnet-lite0", "--tune-last", "0"],
-    "Lite0 head + last layer": ["--pretrained", "efficientnet-lite0"],
+    "Lite0 head only": [*LITE0, "--tune-last", "0"],
+    "Lite0 head + last layer": [*LITE0, "--tune-last", "1"],
+    "Lite0 head + last 4 layers": [*LITE0, "--tune-last", "4"],
 }
 
 
@@ -47,12 +51,15 @@ def run_build(name: str, extra: list[str], data_dir: Path, out: Path) -> dict:
     done = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
+    # 1 with "accuracy gate failed": the bundle is written all the same and its figures count
+    gate_failed = done.returncode == 1 and "accuracy gate failed" in done.stderr
+    if done.returncode != 0 and not gate_failed:
         sys.exit(f"{name}: build failed ({done.returncode}):\n{done.stderr[-3000:]}")
     manifest = json.loads((out / slug / "v1" / "manifest.json").read_text())
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
         "manifest": manifest,
+        "gate": "passed" if done.returncode == 0 else "failed",
         "wall": wall,
         "cpu": cpu,
         "load": (load, os.getloadavg()[0]),
@@ -62,8 +69,9 @@ def run_build(name: str, extra: list[str], data_dir: Path, out: Path) -> dict:
 def table(results: dict[str, dict]) -> str:
     lines = [
         "| model | params | fp32 acc | fp32 macro-F1 | int8 acc | int8 macro-F1 "
-        "| int8 vs fp32 speed (batch 32, 1 thread) | build wall | build CPU | load before/after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| int8 vs fp32 speed (batch 32, 1 thread) | gate | build wall | build CPU "
+        "| load before/after |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for name, r in results.items():
         metrics, provenance = r["manifest"]["metrics"], r["manifest"]["provenance"]
@@ -73,7 +81,8 @@ def table(results: dict[str, dict]) -> str:
             f"| {name} | {provenance['params']:,} | {100 * fp32['accuracy']:.2f}% "
             f"| {fp32['macro_f1']:.4f} | {100 * int8['accuracy']:.2f}% | {int8['macro_f1']:.4f} "
             f"| {speed:.2f}x ({int8['batch32_images_per_s']:.0f} vs "
-            f"{fp32['batch32_images_per_s']:.0f} img/s) | {r['wall']:.0f} s | {r['cpu']:.0f} s "
+            f"{fp32['batch32_images_per_s']:.0f} img/s) | {r['gate']} "
+            f"| {r['wall']:.0f} s | {r['cpu']:.0f} s "
             f"| {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
         )
     return "\n".join(lines)

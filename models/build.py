@@ -368,6 +368,7 @@ def build_transfer(state: BuildState) -> Path:
         cache = finetune.cache_features(model, train_set, contexts, val_set, spec, config)
     with state.stage("head"):
         best = finetune.train_head(model, cache, config, state.histories)
+    model.load_state_dict(best[1])  # stage 2 starts from the best head, not the last
     if args.tune_last and args.tune_epochs:
         with state.stage("tune"):
             best = finetune.tune(model, cache, config, state.histories, best)

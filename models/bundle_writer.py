@@ -8,6 +8,7 @@ the gate passed and the service's own loader and engine accepted the result.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -99,15 +100,8 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
     if not args.no_fp16:
         with state.stage("export fp16"), quiet_stdout():
             export.export_onnx(folded, directory / VARIANT_FILES["fp16"], input_shape, fp16=True)
-    quantization = {
-        "method": args.calibration_method,
-        "images": len(calibration),
-        "format": "QDQ",
-        "weights": "int8 per channel",
-        "activations": "uint8",
-    }
     with state.stage("quantize int8"):
-        quantize(model, directory, calibration, args.calibration_method, qat=False)
+        quantization = quantize(model, directory, calibration, args.calibration_method, qat=False)
     provisional = make_manifest(state, dataset, spec, directory, variants, name, version, {})
     accuracy, scores, logits = evaluate_variants(
         state, provisional, directory, variants, dataset, inputs
@@ -116,15 +110,38 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
         accuracy, max_int8_drop=args.max_int8_drop, min_accuracy=args.min_accuracy
     )
     if args.qat or evaluation.int8_drop(accuracy) > args.max_int8_drop:
-        quantization["static_int8_accuracy"] = accuracy["int8"]
-        quantization["qat"] = "forced by --qat" if args.qat else "static INT8 missed the gate"
+        static_int8 = directory / ".static.int8.onnx"
+        shutil.copyfile(directory / VARIANT_FILES["int8"], static_int8)
+        val_set = splits[1]
+        static_val = validation_accuracy(static_int8, val_set, spec)
+        static = quantization
+        quantization = {
+            **static,
+            "static_int8_accuracy": accuracy["int8"],
+            "qat": "forced by --qat" if args.qat else "static INT8 missed the gate",
+        }
         with state.stage("quantization-aware training"):
             qat_model = quantization_aware(state, model, splits, mean, std)
-            quantize(qat_model, directory, calibration, args.calibration_method, qat=True)
+            quantization.update(
+                quantize(qat_model, directory, calibration, args.calibration_method, qat=True)
+            )
         provisional = make_manifest(state, dataset, spec, directory, variants, name, version, {})
         after = evaluate_variants(state, provisional, directory, ["int8"], dataset, inputs, "QAT")
-        for found, new in zip((accuracy, scores, logits), after, strict=True):
-            found.update(new)
+        qat_val = validation_accuracy(directory / VARIANT_FILES["int8"], val_set, spec)
+        # chosen on the validation split, not on the test set the gate reads
+        if args.qat or qat_val >= static_val:
+            for found, new in zip((accuracy, scores, logits), after, strict=True):
+                found.update(new)
+        else:
+            static_int8.replace(directory / VARIANT_FILES["int8"])
+            restored = make_manifest(state, dataset, spec, directory, variants, name, version, {})
+            (directory / MANIFEST_FILE).write_text(restored.dump())  # the static file's hash
+            quantization = {
+                **static,
+                "qat": f"static INT8 missed the gate; QAT's validation accuracy {qat_val:.2%} "
+                f"was below static INT8's {static_val:.2%}, which is kept",
+            }
+        static_int8.unlink(missing_ok=True)
         failures = evaluation.gate_failures(
             accuracy, max_int8_drop=args.max_int8_drop, min_accuracy=args.min_accuracy
         )
@@ -177,6 +194,19 @@ def save_checkpoint(model, path: Path) -> None:
         nets.save_checkpoint(model, path)
 
 
+def validation_accuracy(path: Path, val_set, spec: InputSpec) -> float:
+    """Top-1 accuracy of an ONNX variant on the validation split, normalised as served."""
+    import onnxruntime as ort
+
+    images, labels = val_set
+    inputs = calibration_images(val_set, spec, len(images), 0)  # every image, in order
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    batches = [inputs[i : i + 64] for i in range(0, len(inputs), 64)]
+    predicted = np.concatenate([session.run(None, {name: b})[0].argmax(1) for b in batches])
+    return float(np.mean(predicted == labels))
+
+
 def calibration_images(train_set, spec: InputSpec, count: int, seed: int) -> np.ndarray:
     """A seeded sample of training images, normalised as the service normalises."""
     images, _ = train_set
@@ -188,18 +218,44 @@ def calibration_images(train_set, spec: InputSpec, count: int, seed: int) -> np.
     return np.ascontiguousarray(chosen.transpose(0, 3, 1, 2))
 
 
-def quantize(model, directory: Path, calibration: np.ndarray, method: str, *, qat: bool) -> None:
-    from models import export
-    from models.quantize import quantize_int8
+def quantize(model, directory: Path, calibration: np.ndarray, method: str, *, qat: bool) -> dict:
+    """Write the INT8 variant; returns the manifest's record of how.
 
+    A fine-tuned backbone (depthwise convolutions, few weights per channel) loses most to
+    rounding: it gets all 8 bits of weight where the CPU sums INT8 products in 32 bits, and is
+    quantized from a copy whose biases absorb each layer's mean rounding error
+    (models/qat.py: bias_corrected; measured in docs/transfer-learning.md).
+    """
+    from app.engine import cpu_sums_int8_in_32_bits
+    from models import export, finetune
+    from models import qat as qat_tools
+    from models.quantize import quantization_record, quantize_int8
+
+    depthwise = isinstance(model, finetune.TransferNet)
+    full_range = depthwise and cpu_sums_int8_in_32_bits()
+    correct = depthwise and not qat  # QAT has already trained the weights for the grid
     source = directory / VARIANT_FILES["fp32"]
-    if qat:  # quantize the QAT-tuned weights; the fp32 variant stays the trained network
-        source = directory / ".qat.onnx"
+    if qat or correct:  # the fp32 variant stays the trained network
+        source = directory / ".to-quantize.onnx"
+        if correct:
+            levels = 127 if full_range else qat_tools.WEIGHT_LEVELS
+            model = qat_tools.bias_corrected(model, calibration, weight_levels=levels)
         with quiet_stdout():
             export.export_onnx(model, source, tuple(calibration.shape[1:]))
-    quantize_int8(source, directory / VARIANT_FILES["int8"], calibration, method=method)
-    if qat:
-        source.unlink()
+    try:
+        quantize_int8(
+            source,
+            directory / VARIANT_FILES["int8"],
+            calibration,
+            method=method,
+            reduce_range=not full_range,
+        )
+    finally:
+        if source.name.startswith("."):
+            source.unlink(missing_ok=True)
+    return quantization_record(
+        method, len(calibration), full_range=full_range, bias_correction=correct
+    )
 
 
 def quantization_aware(

@@ -4,10 +4,11 @@ The way it is done on CPUs: the backbone's frozen layers see each training image
 (its centre view, as served, and a few augmented views) and their outputs are cached
 (models/features.py). Stage 1 trains a new linear head on the pooled features of every cached
 view; stage 2 unfreezes the backbone's last `tune_last` layers and trains them with the head at
-a lower learning rate, each epoch on one random cached view per image. Batch norm keeps its
-ImageNet statistics throughout (a few hundred images estimate them worse). Classes are weighted
-by inverse frequency in the loss, and the weights kept are those of the best validation epoch
-of either stage; validation runs on the centre views, which are exactly what the service feeds.
+a lower learning rate, each epoch on one random cached view per image, starting from the best
+head of stage 1. Batch norm keeps its ImageNet statistics throughout (a few hundred images
+estimate them worse). Classes are weighted by inverse frequency in the loss, and the weights
+kept are those of the best validation epoch of either stage; validation runs on the centre
+views, which are exactly what the service feeds.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directo
             "that look like what the model will see (fp16 comes with it)."
         )
     else:
-        quantization = write_quantized(state, directory, calibration, spec)
+        quantization = write_quantized(state, directory, calibration, spec, source.torch_model)
         variants += ["int8"] + ([] if args.no_fp16 else ["fp16"])
     provisional = make_manifest(state, source, spec, output, directory, variants, {})
     (directory / MANIFEST_FILE).write_text(provisional.dump())
@@ -226,29 +226,39 @@ def source_parity(source: Source, path: Path, spec: InputSpec) -> None:
     source.parity = difference
 
 
-def write_quantized(state, directory: Path, calibration: np.ndarray, spec: InputSpec) -> dict:
+def write_quantized(
+    state, directory: Path, calibration: np.ndarray, spec: InputSpec, torch_model=None
+) -> dict:
     """INT8 (and fp16) from the fp32 variant after ONNX Runtime's own graph clean-up.
 
     Exporters leave shape arithmetic, explicit Pad nodes and unfolded constants that the
     quantizer would otherwise wrap in quantize/dequantize pairs; `quant_pre_process` folds them
-    (Pad into Conv, constants computed) so only real layers are quantized.
+    (Pad into Conv, constants computed) so only real layers are quantized. With the torch model
+    at hand (a pretrained backbone), INT8 is quantized from a bias-corrected copy instead.
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from app.engine import cpu_sums_int8_in_32_bits
-    from models.quantize import quantize_int8, quiet_logs
+    from models.quantize import quantization_record, quantize_int8, quiet_logs
 
     args = state.args
     prepared = directory / ".prepared.onnx"
+    corrected = directory / ".corrected.onnx"
     # 7-bit weights keep CPUs without VNNI from saturating, at a cost to depthwise-heavy
     # networks (see docs/own-model.md); with VNNI here, all 8 bits are used.
     full_range = cpu_sums_int8_in_32_bits()
     try:
+        with quiet_logs():
+            quant_pre_process(str(directory / VARIANT_FILES["fp32"]), str(prepared))
+        to_quantize = prepared
+        if torch_model is not None:
+            with state.stage("bias correction"):
+                to_quantize = bias_corrected_onnx(
+                    torch_model, calibration, spec, full_range, corrected
+                )
         with state.stage("quantize int8"):
-            with quiet_logs():
-                quant_pre_process(str(directory / VARIANT_FILES["fp32"]), str(prepared))
             quantize_int8(
-                prepared,
+                to_quantize,
                 directory / VARIANT_FILES["int8"],
                 calibration,
                 method=args.calibration_method,
@@ -260,18 +270,37 @@ def write_quantized(state, directory: Path, calibration: np.ndarray, spec: Input
                 write_fp16(prepared, directory / VARIANT_FILES["fp16"])
     finally:
         prepared.unlink(missing_ok=True)
-    return {
-        "method": args.calibration_method,
-        "images": len(calibration),
-        "format": "QDQ",
-        "weights": "int8 per channel" + ("" if full_range else " (7-bit range)"),
-        # Read by the engine: full-range weights saturate on x86 CPUs without VNNI.
-        "weight_range": "full" if full_range else "reduced",
-        "activations": "uint8",
-        "serve_on": "CPUs with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) or GPUs"
-        if full_range
-        else "any CPU",
-    }
+        corrected.unlink(missing_ok=True)
+        corrected.with_suffix(".raw.onnx").unlink(missing_ok=True)
+    return quantization_record(
+        args.calibration_method,
+        len(calibration),
+        full_range=full_range,
+        bias_correction=torch_model is not None,
+    )
+
+
+def bias_corrected_onnx(
+    torch_model: nn.Module, calibration: np.ndarray, spec: InputSpec, full_range: bool, path: Path
+) -> Path:
+    """The BN-folded backbone with each layer's mean INT8 rounding error taken out of its bias
+    (models/qat.py), exported and cleaned up for the quantizer. Depthwise convolutions, with
+    few weights per channel, have rounding errors that do not average out: this removes them
+    (docs/own-model.md measures it)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from models import qat
+    from models.pretrained import export_model
+    from models.quantize import quiet_logs
+
+    corrected = qat.bias_corrected(
+        torch_model, calibration, weight_levels=127 if full_range else qat.WEIGHT_LEVELS
+    )
+    raw = path.with_suffix(".raw.onnx")
+    export_model(corrected, spec.height, raw, spec.name)
+    with quiet_logs():
+        quant_pre_process(str(raw), str(path))
+    return path
 
 
 def write_fp16(source: Path, target: Path) -> None:

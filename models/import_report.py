@@ -86,6 +86,19 @@ def variants_table(manifest: Manifest) -> list[str]:
     parity = manifest.provenance.get("parity_max_abs_diff")
     if parity is not None:
         lines += ["", f"Export parity: max |torch - ONNX Runtime fp32| difference {parity:.2e}."]
+    quantization: Any = manifest.provenance.get("quantization") or {}
+    if quantization:
+        corrected = (
+            ", from a bias-corrected copy (each layer's mean rounding error taken out of its bias)"
+            if quantization.get("bias_correction")
+            else ""
+        )
+        lines += [
+            "",
+            f"INT8: static {quantization['format']}, {quantization['weights']} weights, "
+            f"{quantization['activations']} activations, {quantization['method']} calibration on "
+            f"{quantization['images']} images{corrected}.",
+        ]
     return lines
 
 

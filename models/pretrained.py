@@ -126,8 +126,22 @@ def imagenet_labels() -> list[str]:
 def export_onnx(name: str, path: Path, *, tensor_name: str = "input", output_name: str = "logits"):
     """Write the backbone as fp32 ONNX with a dynamic batch axis; returns the torch model.
 
-    The TorchScript exporter (dynamo=False) at opset 17 traces these models exactly; the
-    caller checks parity against torch.
+    The caller checks parity against torch.
+    """
+    from models.pipeline import quiet_stdout
+
+    with quiet_stdout():
+        model = load_backbone(name)  # its loader prints a line on stdout
+    export_model(model, pretrained_spec(name).size, path, tensor_name, output_name)
+    return model
+
+
+def export_model(
+    model, size: int, path: Path, tensor_name: str = "input", output_name: str = "logits"
+) -> None:
+    """Any of these backbones (or a folded, corrected copy) as fp32 ONNX, batch axis dynamic.
+
+    The TorchScript exporter (dynamo=False) at opset 17 traces these models exactly.
     """
     import warnings
 
@@ -135,14 +149,12 @@ def export_onnx(name: str, path: Path, *, tensor_name: str = "input", output_nam
 
     from models.pipeline import quiet_stdout
 
-    size = pretrained_spec(name).size
     example = torch.zeros(1, 3, size, size)
     with quiet_stdout(), torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter's notes on Slice folding, not about the result, and its own
         # deprecation notices: this export path is the one that matches torch for these models
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = load_backbone(name)  # its loader prints a line on stdout
         torch.onnx.export(
             model,
             (example,),
@@ -153,4 +165,3 @@ def export_onnx(name: str, path: Path, *, tensor_name: str = "input", output_nam
             opset_version=17,
             dynamo=False,
         )
-    return model

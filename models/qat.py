@@ -105,6 +105,14 @@ def fold_efficientnet(model: nn.Module) -> nn.Module:
     return folded
 
 
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A BN-folded copy: the library's EfficientNet by name, anything built of
+    `nn.Sequential(conv, bn, ...)` units (the build's CNN, a fine-tuned backbone) generically."""
+    from models.export import fold_batch_norm
+
+    return fold_efficientnet(model) if hasattr(model, "_blocks") else fold_batch_norm(model)
+
+
 def input_ranges(model: nn.Module, layers: Sequence[nn.Module], images: np.ndarray) -> list:
     """Each layer's input (min, max) over `images`, as ONNX Runtime's min-max calibrator sees
     them on the float model; zero is always inside, as in uint8 with a zero point."""
@@ -240,7 +248,7 @@ def bias_corrected(
     on `calibration` inside the quantized network: error that is systematic, not noise, is
     removed before ONNX Runtime quantizes. Once: a bias shift leaves each layer's own error as
     it was, so a second pass would subtract it twice."""
-    folded = fold_efficientnet(teacher)
+    folded = folded_copy(teacher)
     float_layers = [m for m in folded.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     quantized, layers, handles = fake_quantized(folded, calibration, weight_levels)
     errors = local_errors(quantized, layers, calibration)

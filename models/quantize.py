@@ -104,3 +104,22 @@ def quiet_logs():
         yield
     finally:
         root.setLevel(level)
+
+
+def quantization_record(
+    method: str, images: int, *, full_range: bool, bias_correction: bool
+) -> dict:
+    """The manifest's `provenance.quantization`; the engine reads `weight_range`."""
+    return {
+        "method": method,
+        "images": images,
+        "format": "QDQ",
+        "weights": "int8 per channel" + ("" if full_range else " (7-bit range)"),
+        # full-range weights saturate on x86 CPUs without VNNI: the engine serves fp32 there
+        "weight_range": "full" if full_range else "reduced",
+        "activations": "uint8",
+        "bias_correction": bias_correction,
+        "serve_on": "CPUs with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) or GPUs"
+        if full_range
+        else "any CPU",
+    }

@@ -261,10 +261,14 @@ def compression_lines(provenance: dict) -> list[str]:
             f"{quantization['activations']} activations, {quantization['method']} calibration "
             f"on {quantization['images']} training images."
         )
-        if "qat" in quantization:
+        if quantization.get("bias_correction"):
+            line += " Quantized from a bias-corrected copy (each layer's mean rounding error)."
+        if "static_int8_accuracy" in quantization:
             line += (
                 f" Quantization-aware training ({quantization['qat']}); static INT8 alone "
                 f"scored {100 * quantization['static_int8_accuracy']:.2f}%."
             )
+        elif "qat" in quantization:
+            line += f" Quantization-aware training ran, but {quantization['qat']}."
         lines.append(line)
     return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -163,3 +164,30 @@ def test_default_epochs_follow_the_training_arithmetic(
     assert manifest.provenance["training"]["precision"] == precision
     report = next((tmp_path / "fashion-mnist").glob("2*/report.md")).read_text()
     assert f"{epochs} epochs in {precision}" in report
+
+
+def test_qat_worse_than_static_int8_keeps_the_static_model(
+    built: Path, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Static INT8 misses an impossible gate, and QAT (here made to wreck the weights) does
+    worse on the validation split: the static model stays, with the manifest's hash for it."""
+    from models import bundle_writer
+
+    def wrecked(state, model, splits, mean, std):
+        import torch
+
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            for parameter in broken.parameters():
+                parameter.zero_()
+        return broken
+
+    monkeypatch.setattr(bundle_writer, "quantization_aware", wrecked)
+    argv = [*TINY, "--out", str(repository), "--version", "v4", "--no-fp16"]
+    assert build_main([*argv, "--max-int8-drop", "-100"]) == 1
+    bundle = load_bundle(built / "v4")
+    verify_variant(bundle, "int8")  # the restored file is the one the manifest names
+    quantization = bundle.manifest.provenance["quantization"]
+    assert "which is kept" in quantization["qat"] and "static_int8_accuracy" not in quantization
+    accuracy = bundle.manifest.metrics["int8"]["accuracy"]
+    assert accuracy > 0.2  # the static model's, not the zeroed one's (one class: 10%)

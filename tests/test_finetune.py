@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from app.bundle import load_bundle
+from app.engine import cpu_sums_int8_in_32_bits
 from models import data
 from models.augment import ViewConfig, random_view
 from models.build import main as build_main
@@ -161,6 +162,10 @@ def test_fine_tuned_bundle_records_the_backbone_input(fine_tuned: tuple[Path, Pa
     assert provenance["dataset"]["skipped_files"] == ["red/broken.jpg"]
     assert provenance["parity_max_abs_logit_diff"] < 1e-3
     assert {"features", "head", "tune"} <= set(provenance["stages_seconds"])
+    # depthwise backbones: INT8 from a bias-corrected copy, all 8 bits where the CPU allows
+    quantization = provenance["quantization"]
+    assert quantization["bias_correction"] is True
+    assert quantization["weight_range"] == ("full" if cpu_sums_int8_in_32_bits() else "reduced")
     report = (bundle / "latest" / "report.md").read_text()
     assert "efficientnet-lite0 (ImageNet-pretrained)" in report
     assert "1 unreadable image file(s) skipped: red/broken.jpg" in report

@@ -45,8 +45,10 @@ def test_bundle_has_every_variant_and_the_imagenet_input(imagenet_repository):
     for variant, metrics in manifest.metrics.items():
         assert metrics["known_photos"] == known
         assert metrics["known_photos_top5"] == known, (variant, metrics["known_photo_ranks"])
-    # a floor for regressions, well below what the import measures (its report has the figure)
-    assert manifest.metrics["int8"]["top1_agreement_with_fp32"] >= 0.7
+    # INT8 is quantized from a bias-corrected copy: without it, agreement on these crops was 79%
+    assert manifest.provenance["quantization"]["bias_correction"] is True
+    # a floor for regressions, below what the import measures (its report has the figure)
+    assert manifest.metrics["int8"]["top1_agreement_with_fp32"] >= 0.84
     # where fp32 is sure of its answer INT8 must keep it: the ambiguous crops are a coin toss for
     # any perturbation, even one grey level of noise (docs/own-model.md, bench/int8_agreement.py)
     assert manifest.metrics["int8"]["top1_agreement_where_fp32_confident"] >= 0.97

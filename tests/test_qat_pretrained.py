@@ -62,3 +62,39 @@ def test_distillation_runs_without_labels_and_returns_plain_float_weights(lite0)
         m._forward_pre_hooks for m in student.modules()
     )
     assert student(torch.from_numpy(images(2))).shape == (2, 1000)
+
+
+def test_bias_correction_folds_any_conv_bn_network() -> None:
+    """A fine-tuned backbone is built of `Sequential(conv, bn, ReLU6)` units, not the library's
+    attributes: it is folded generically and its quantized mean output comes back too."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)),
+        torch.nn.ReLU6(),
+        torch.nn.Sequential(
+            torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.BatchNorm2d(16)
+        ),
+        torch.nn.ReLU6(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 4),
+    )
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    calibration = images(16)
+    folded = qat.folded_copy(net)
+    corrected = qat.bias_corrected(net, calibration)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in corrected.modules())
+    x = torch.from_numpy(calibration)
+
+    def mean_error(model: torch.nn.Module) -> float:
+        quantized, _, _ = qat.fake_quantized(model, calibration, 127)
+        with torch.no_grad():
+            return float((quantized(x).mean(0) - folded(x).mean(0)).abs().mean())
+
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-4, rtol=1e-4)
+    assert mean_error(corrected) < 0.9 * mean_error(folded)
