@@ -220,12 +220,16 @@ class MicroBatcher:
                 return
             self._dispatch(now)
 
+    @property
+    def single_runs_inline(self) -> bool:
+        """Whether a lone request's batch of one is short enough to run on the event loop."""
+        return self._single_s is not None and self._single_s <= self._inline_max_s
+
     def _may_run_inline(self) -> bool:
         return (
             self._queued_items == 1
             and not self._running
-            and self._single_s is not None
-            and self._single_s <= self._inline_max_s
+            and self.single_runs_inline
             and (self._inline_when is None or self._inline_when())
         )
 

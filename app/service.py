@@ -35,6 +35,10 @@ log = logging.getLogger("blink.service")
 
 # Below this many source pixels, decoding costs less than a hop to the thread pool and back.
 INLINE_DECODE_PIXELS = 128 * 128
+# A lone request on an idle service whose model runs inline is decoded inline too, up to camera
+# sizes (a few ms): decode and inference on one thread, no hop, the tensor still in its cache.
+# Larger images always go to the pool, so the loop keeps reading while they decode.
+LONE_DECODE_PIXELS = 4_000_000
 
 
 class ModelService:
@@ -202,7 +206,12 @@ class ModelService:
         started = time.perf_counter()
         image = self.preprocessor.open_image(data)
         width, height = image.size
-        if width * height <= INLINE_DECODE_PIXELS:
+        pixels = width * height
+        if pixels <= INLINE_DECODE_PIXELS or (
+            pixels <= LONE_DECODE_PIXELS
+            and self.active_requests <= 1
+            and self.batcher.single_runs_inline
+        ):
             tensor = self.preprocessor.to_tensor(image)
         else:  # Pillow releases the GIL while decoding: big images decode beside the loop
             loop = asyncio.get_running_loop()

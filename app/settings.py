@@ -38,10 +38,11 @@ class Settings(BaseSettings):
     queue_capacity: int = Field(1024, ge=1, description="Requests waiting beyond this get 503.")
     engine_slots: int = Field(1, ge=1, le=64, description="Batches in flight at once.")
     inline_max_ms: float = Field(
-        1.0,
+        10.0,
         ge=0,
-        description="A lone request on an idle engine runs on the event loop, without the hop to "
-        "the engine thread, while a batch of one takes at most this long; 0 = never.",
+        description="A lone request on an idle service runs on the event loop (decode of images "
+        "up to 4 MP and inference), without the hops to the decode pool and the engine thread, "
+        "while a batch of one takes at most this long; 0 = never.",
     )
     request_timeout_ms: float = Field(
         5000.0,

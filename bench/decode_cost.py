@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from PIL import Image
 
 from app.preprocess import Preprocessor
-from app.service import INLINE_DECODE_PIXELS
+from app.service import INLINE_DECODE_PIXELS, LONE_DECODE_PIXELS
 
 
 @contextmanager
@@ -41,9 +41,14 @@ def decode_ms(preprocessor: Preprocessor, body: bytes, draft: bool) -> float:
 
 
 def where_decoded(body: bytes) -> str:
-    """Where the service decodes this image (app/service.py's rule)."""
+    """Where the service decodes this image (app/service.py's rule, with the default
+    BLINK_INLINE_MAX_MS and a model whose batch of one fits it)."""
     width, height = Image.open(io.BytesIO(body)).size
-    return "event loop" if width * height <= INLINE_DECODE_PIXELS else "decode pool"
+    if width * height <= INLINE_DECODE_PIXELS:
+        return "event loop"
+    if width * height <= LONE_DECODE_PIXELS:
+        return "event loop when alone, else decode pool"
+    return "decode pool"
 
 
 def decode_costs(preprocessor: Preprocessor, bodies: list[bytes], repeat: int) -> dict:
