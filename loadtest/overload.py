@@ -50,6 +50,7 @@ CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "default": ({}, []),
     "no-hold": ({"BLINK_REJECT_HOLD_MS": "0"}, []),
     "uvicorn-limit": ({"BLINK_REJECT_HOLD_MS": "0"}, ["--limit-concurrency", "1024"]),
+    "queue-256": ({"BLINK_QUEUE_CAPACITY": "256"}, []),
 }
 
 
