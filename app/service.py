@@ -84,7 +84,7 @@ class ModelService:
             # Under load the loop is needed for reading and decoding: keep inference off it.
             # (Through a weak reference: no cycle, so a retired version is freed by reference
             # counting alone, even when gc.freeze has put it out of the collector's reach.)
-            inline_when=lambda: this().active_requests <= 1,
+            inline_when=lambda: this().alone,
         )
         self.admission = Admission(
             self.batcher,
@@ -157,6 +157,12 @@ class ModelService:
             self.metrics.in_flight.dec()
 
     @property
+    def alone(self) -> bool:
+        """Whether the request asking is the only one in progress (a lone request may use the
+        event loop for decoding and inference: nothing else needs it)."""
+        return self.active_requests <= 1
+
+    @property
     def num_classes(self) -> int:
         return len(self.labels)
 
@@ -208,9 +214,7 @@ class ModelService:
         width, height = image.size
         pixels = width * height
         if pixels <= INLINE_DECODE_PIXELS or (
-            pixels <= LONE_DECODE_PIXELS
-            and self.active_requests <= 1
-            and self.batcher.single_runs_inline
+            pixels <= LONE_DECODE_PIXELS and self.alone and self.batcher.single_runs_inline
         ):
             tensor = self.preprocessor.to_tensor(image)
         else:  # Pillow releases the GIL while decoding: big images decode beside the loop

@@ -196,11 +196,11 @@ def save_checkpoint(model, path: Path) -> None:
 
 def validation_accuracy(path: Path, val_set, spec: InputSpec) -> float:
     """Top-1 accuracy of an ONNX variant on the validation split, normalised as served."""
-    import onnxruntime as ort
+    from models import export
 
     images, labels = val_set
-    inputs = calibration_images(val_set, spec, len(images), 0)  # every image, in order
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = normalised(images, spec)
+    session = export.session(path)
     name = session.get_inputs()[0].name
     batches = [inputs[i : i + 64] for i in range(0, len(inputs), 64)]
     predicted = np.concatenate([session.run(None, {name: b})[0].argmax(1) for b in batches])
@@ -211,10 +211,15 @@ def calibration_images(train_set, spec: InputSpec, count: int, seed: int) -> np.
     """A seeded sample of training images, normalised as the service normalises."""
     images, _ = train_set
     pick = np.sort(np.random.default_rng(seed + 2).permutation(len(images))[:count])
+    return normalised(images[pick], spec)
+
+
+def normalised(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 [N, H, W, C] as the model's float32 [N, C, H, W] input, as the service normalises."""
     mean = np.asarray(spec.mean, np.float32)
     std = np.asarray(spec.std, np.float32)
     scale, bias = 1.0 / (255.0 * std), -mean / std
-    chosen = images[pick].astype(np.float32) * scale + bias
+    chosen = images.astype(np.float32) * scale + bias
     return np.ascontiguousarray(chosen.transpose(0, 3, 1, 2))
 
 
@@ -238,7 +243,7 @@ def quantize(model, directory: Path, calibration: np.ndarray, method: str, *, qa
     if qat or correct:  # the fp32 variant stays the trained network
         source = directory / ".to-quantize.onnx"
         if correct:
-            levels = 127 if full_range else qat_tools.WEIGHT_LEVELS
+            levels = qat_tools.weight_levels(full_range)
             model = qat_tools.bias_corrected(model, calibration, weight_levels=levels)
         with quiet_stdout():
             export.export_onnx(model, source, tuple(calibration.shape[1:]))

@@ -271,7 +271,6 @@ def write_quantized(
     finally:
         prepared.unlink(missing_ok=True)
         corrected.unlink(missing_ok=True)
-        corrected.with_suffix(".raw.onnx").unlink(missing_ok=True)
     return quantization_record(
         args.calibration_method,
         len(calibration),
@@ -294,12 +293,15 @@ def bias_corrected_onnx(
     from models.quantize import quiet_logs
 
     corrected = qat.bias_corrected(
-        torch_model, calibration, weight_levels=127 if full_range else qat.WEIGHT_LEVELS
+        torch_model, calibration, weight_levels=qat.weight_levels(full_range)
     )
     raw = path.with_suffix(".raw.onnx")
-    export_model(corrected, spec.height, raw, spec.name)
-    with quiet_logs():
-        quant_pre_process(str(raw), str(path))
+    try:
+        export_model(corrected, spec.height, raw, spec.name)
+        with quiet_logs():
+            quant_pre_process(str(raw), str(path))
+    finally:
+        raw.unlink(missing_ok=True)
     return path
 
 

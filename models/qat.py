@@ -22,6 +22,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from models.export import fold_batch_norm
 
 WEIGHT_LEVELS = 63  # 7-bit weights, as models/quantize.py asks of ONNX Runtime (reduce_range)
+FULL_RANGE_LEVELS = 127  # all 8 bits, where the CPU sums INT8 products in 32 bits
+
+
+def weight_levels(full_range: bool) -> int:
+    """The weight grid ONNX Runtime will quantize to: full 8-bit or the reduced 7-bit range."""
+    return FULL_RANGE_LEVELS if full_range else WEIGHT_LEVELS
 
 
 class WeightFakeQuant(nn.Module):
