@@ -101,8 +101,10 @@ class MicroBatcher:
         on_depth: Callable[[int], object] | None = None,
         inline_max_s: float = 0.0,
         inline_when: Callable[[], bool] | None = None,
+        run_inline: BatchFn | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._run_inline = run_inline or run_batch
         self.max_batch_size = max_batch_size
         self._max_queue_delay_s = max_queue_delay_s
         self._queue_capacity = queue_capacity
@@ -244,7 +246,7 @@ class MicroBatcher:
             return
         self._batch_started(batch, now)
         try:
-            outputs, inference_s = _timed_call(self._run_batch, batch[0].inputs)
+            outputs, inference_s = _timed_call(self._run_inline, batch[0].inputs)
         except Exception as exc:
             self._complete(batch, now, exc=exc)
         else:

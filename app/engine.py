@@ -1,10 +1,10 @@
-"""The ONNX Runtime session: provider and variant choice, warm-up, batched `run`."""
+"""The ONNX Runtime sessions: provider and variant choice, warm-up, `run` and `run_lone`."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,8 @@ def bucket_for(size: int, buckets: list[int]) -> int:
 
 
 class Engine:
-    """One InferenceSession; `run` maps float32 [N, C, H, W] (or NHWC) to outputs [N, classes]."""
+    """An InferenceSession for batches (and, on a multi-threaded CPU, a second one for lone
+    requests); `run` maps float32 [N, C, H, W] (or NHWC) to outputs [N, classes]."""
 
     def __init__(
         self,
@@ -103,6 +104,7 @@ class Engine:
         device: str = "auto",
         variant: str = "auto",
         threads: int = 1,
+        spin_when_alone: bool = True,
         max_batch_size: int = 32,
         cache_dir: Path | None = None,
     ) -> None:
@@ -125,7 +127,18 @@ class Engine:
         providers = self._providers(cache_dir or bundle.directory / ".trt-cache")
         try:
             self.session = ort.InferenceSession(
-                str(path), self._session_options(threads), providers=providers
+                str(path), self._session_options(threads, spinning=False), providers=providers
+            )
+            # A lone request on an idle CPU runs in a second session whose intra-op threads spin
+            # between operators (and stop when the run returns): it pays no thread wake-up per
+            # operator. Under load the spinning would take the cores that decoding needs, so
+            # batches use the first session, whose threads sleep.
+            self.lone_session = (
+                ort.InferenceSession(
+                    str(path), self._session_options(threads, spinning=True), providers=providers
+                )
+                if spin_when_alone and threads > 1 and self.device == "cpu"
+                else self.session
             )
         except Exception as exc:  # ORT raises its own exception types for bad models
             raise BundleError(f"ONNX Runtime cannot load {path}: {exc}") from exc
@@ -148,6 +161,12 @@ class Engine:
         (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         return logits[:size]
 
+    def run_lone(self, batch: np.ndarray) -> np.ndarray:
+        """`run` for a lone request on an idle service (see `lone_session`)."""
+        logits: np.ndarray
+        (logits,) = self.lone_session.run([self.output_name], {self.input_name: batch})
+        return logits
+
     def warm_up(self, timed_repeats: int = 3) -> dict[int, float]:
         """Run every batch size the service will use once, so no request pays for a first run;
         then time the power-of-two sizes (the fastest of up to `timed_repeats` runs: noise only
@@ -156,30 +175,39 @@ class Engine:
         sizes = self.buckets or range(1, self.max_batch_size + 1)
         for size in sizes:
             self.run(np.zeros((size, *self.input_shape), np.float32))
+        self.run_lone(np.zeros((1, *self.input_shape), np.float32))
         self.batch_costs = {
-            size: self._fastest_run_s(size, timed_repeats)
+            size: self.fastest_run_s(self.run, size, timed_repeats)
             for size in batch_buckets(self.max_batch_size)
         }
         return self.batch_costs
 
-    def _fastest_run_s(self, size: int, repeats: int, budget_s: float = 0.1) -> float:
+    def fastest_run_s(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        size: int,
+        repeats: int,
+        budget_s: float = 0.1,
+    ) -> float:
         batch = np.zeros((size, *self.input_shape), np.float32)
         times: list[float] = []
         # Long runs vary little: once a size has used its budget, one more sample adds nothing.
         while len(times) < repeats and sum(times) < budget_s:
             started = time.perf_counter()
-            self.run(batch)
+            run(batch)
             times.append(time.perf_counter() - started)
         return min(times)
 
-    def _session_options(self, threads: int) -> ort.SessionOptions:
+    @staticmethod
+    def _session_options(threads: int, spinning: bool) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Spinning workers would steal the core the event loop needs between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
+        # never between runs: the event loop and the decode pool need the cores then
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         return options
 
     def _providers(self, cache_dir: Path) -> list[str | tuple[str, dict[str, Any]]]:

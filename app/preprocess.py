@@ -43,9 +43,15 @@ class Preprocessor:
         self.channels_last = spec.layout == "NHWC"
         std = np.asarray(spec.std, dtype=np.float32)
         mean = np.asarray(spec.mean, dtype=np.float32)
-        # (x/255 - mean)/std as one multiply-add per pixel, shaped to broadcast over HWC.
-        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
-        self._bias = (-mean / std).astype(np.float32)
+        # (x/255 - mean)/std as one multiply-add per element, with a scale and a bias for every
+        # element laid out as the tensor is: numpy broadcasting a per-channel pair over a last
+        # axis of 3 is ten times slower than one long run over flat arrays.
+        scale = (1.0 / (255.0 * std)).astype(np.float32)
+        bias = (-mean / std).astype(np.float32)
+        spread = np.tile if self.channels_last else np.repeat  # HWC: c0 c1 c2 c0...; CHW: c0 c0...
+        self._scale = spread(scale, spec.height * spec.width)
+        self._bias = spread(bias, spec.height * spec.width)
+        self.sample_shape = spec.sample_shape
 
     def open_image(self, data: bytes) -> Image.Image:
         """Parse the header only; reject what we will not decode."""
@@ -70,10 +76,12 @@ class Preprocessor:
 
     def to_tensor(self, image: Image.Image) -> np.ndarray:
         """Decode, convert, resize and normalise one image: float32 [1, C, H, W] or [1, H, W, C]."""
-        normalised = self.to_pixels(image) * self._scale + self._bias  # a new, contiguous HWC
-        if self.channels_last:
-            return normalised[None]
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+        pixels = self.to_pixels(image)  # HWC
+        laid_out = pixels if self.channels_last else pixels.transpose(2, 0, 1)
+        tensor = laid_out.astype(np.float32, order="C").reshape(-1)  # a new, contiguous copy
+        tensor *= self._scale
+        tensor += self._bias
+        return tensor.reshape(1, *self.sample_shape)
 
     def pixels(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> the model's input pixels before normalising: uint8 [H, W, C].

@@ -55,6 +55,7 @@ class ModelService:
             device=settings.device,
             variant=settings.model_variant,
             threads=settings.intra_op_threads(),
+            spin_when_alone=settings.spin_when_alone,
             max_batch_size=settings.max_batch_size,
         )
         self.labels = manifest.labels
@@ -85,6 +86,7 @@ class ModelService:
             # (Through a weak reference: no cycle, so a retired version is freed by reference
             # counting alone, even when gc.freeze has put it out of the collector's reach.)
             inline_when=lambda: this().alone,
+            run_inline=self.engine.run_lone,
         )
         self.admission = Admission(
             self.batcher,

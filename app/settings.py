@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Width x height before decoding.")
     decode_threads: int = Field(0, ge=0, description="Decode pool size; 0 = one per usable core.")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores / workers.")
+    spin_when_alone: bool = Field(
+        True,
+        description="On a CPU with 2+ intra-op threads, a lone request on an idle server runs in a "
+        "second session whose threads spin between operators; off saves that session's memory.",
+    )
     workers: int = Field(1, ge=1, le=256)
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)

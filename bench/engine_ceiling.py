@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--bodies", type=Path, required=True)
     parser.add_argument("--variant", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--no-lone-session", action="store_true", help="batch 1 alone runs in the batch session"
+    )
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument(
         "--decode-threads", type=int, default=0, help="decode pool size; 0 = decode in line"
@@ -87,9 +90,12 @@ def main() -> None:
         device="cpu",
         variant=args.variant,
         threads=args.threads,
+        spin_when_alone=not args.no_lone_session,
         max_batch_size=args.max_batch_size,
     )
     costs = engine.warm_up()
+    # what a lone request's model costs (Engine.run_lone): batch 1, back to back, the fastest run
+    lone_b1_s = engine.fastest_run_s(engine.run_lone, 1, 20, budget_s=1.0)
     cap = batch_cap("measured", args.max_batch_size, costs)
     sizes = sorted({cap if b == "cap" else int(b) for b in args.batches})
     preprocess = Preprocessor(bundle.manifest.input)
@@ -126,6 +132,7 @@ def main() -> None:
         "cap": cap,
         "seconds_per_batch": costs,
         "model_b1_ms": costs[1] * 1000,
+        "lone_b1_ms": lone_b1_s * 1000,
         "rates": rates,
     }
     for size, runs in rates.items():

@@ -44,6 +44,16 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def input_as_int8(images: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """The images as the INT8 model's first QuantizeLinear leaves them: uint8 over the min-max
+    range of the calibration images (for inputs in [-1, 1]: scale 2/255, zero point 128, so
+    every pixel lands half a step off its value)."""
+    low, high = min(0.0, float(calibration.min())), max(0.0, float(calibration.max()))
+    scale = np.float32((high - low) / 255)
+    zero = round(-low / scale)
+    return ((np.clip(np.round(images / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
 def logits(path: Path, images: np.ndarray, threads: int = 2) -> np.ndarray:
     run = session(path, threads)
     return np.concatenate(
@@ -181,6 +191,10 @@ def main() -> None:
     }
     report("fp32, JPEG quality 90 (floor)", {k: logits(fp32, v) for k, v in recoded.items()})
     report("fp32 + 1 grey level of noise (floor)", {k: logits(fp32, v) for k, v in noisy.items()})
+    report(
+        "fp32, input quantized as INT8 (floor)",
+        {k: logits(fp32, input_as_int8(v, calib)) for k, v in checks.items()},
+    )
 
     def int8(name: str, source: Path, images: np.ndarray, **options) -> Path:
         target = work / f"{name.replace(' ', '_').replace('/', '_')}.int8.onnx"
@@ -223,6 +237,12 @@ def main() -> None:
             int8("bias-corrected, minmax", corrected_path, calib)
         if wanted("bias-percentile"):
             int8("bias-corrected, percentile", corrected_path, calib, method="percentile")
+    if wanted("bias-stem"):
+        stem_float = bias_corrected_onnx(
+            torch_model, calib, spec, True, work / "bc-stem.onnx", float_first=True
+        )
+        stem = next(n.name for n in onnx.load(str(stem_float)).graph.node if n.op_type == "Conv")
+        int8("bias-corrected, stem fp32", stem_float, calib, nodes_to_exclude=[stem])
     if args.qat_steps:
         tuned = self_distilled(torch_model, spec, calib, args, work / "tuned.onnx")
         int8(f"self-distilled QAT {args.qat_steps}x{args.qat_batch}", tuned, calib)

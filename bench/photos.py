@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.decode_cost import decode_costs, pinned
 from bench.photo_bodies import SIZES, body_count, photo_bodies, read_bodies
@@ -36,16 +37,30 @@ from bench.run import ROOT, Load, server, spread, wrk
 from bench.server_cpu import tree_cpu
 from loadtest import promstats
 
-# (BLINK_WORKERS, intra-op threads per worker)
-CONFIGS = [(1, 2), (2, 1), (1, 1), (2, 2)]  # the first is the service's default on 2 cores
+
+class Config(NamedTuple):
+    workers: int  # BLINK_WORKERS
+    threads: int  # intra-op threads per worker
+    lone: bool = True  # BLINK_SPIN_WHEN_ALONE: a spinning session for lone requests
+
+    @property
+    def name(self) -> str:
+        return f"workers {self.workers}, threads {self.threads}" + (
+            "" if self.lone else ", one session"
+        )
+
+
+# The first is the service's default on 2 cores; the last is it without the lone-request session.
+CONFIGS = [Config(1, 2), Config(2, 1), Config(1, 1), Config(2, 2), Config(1, 2, lone=False)]
 MAIN_SIZE = "2MP"  # the photos the engine ceiling and the concurrency matrix use
 
 
-def ceiling(args: argparse.Namespace, variant: str, workers: int, threads: int) -> dict:
-    """`workers` engine processes measuring the same windows at once; their rates add up."""
+def ceiling(args: argparse.Namespace, variant: str, config: Config) -> dict:
+    """One engine process per worker, measuring the same windows at once; their rates add up."""
     command = ["taskset", "-c", args.cpus, sys.executable, "-m", "bench.engine_ceiling"]
     command += ["--model", str(args.model), "--bodies", str(args.bodies[MAIN_SIZE])]
-    command += ["--variant", variant, "--threads", str(threads), "--batches", "1", "cap"]
+    command += ["--variant", variant, "--threads", str(config.threads), "--batches", "1", "cap"]
+    command += [] if config.lone else ["--no-lone-session"]
     command += ["--decode-threads", str(args.decode_threads)]
     command += ["--seconds", str(args.seconds), "--repeat", str(args.repeat), "--sync"]
     processes = [
@@ -57,7 +72,7 @@ def ceiling(args: argparse.Namespace, variant: str, workers: int, threads: int) 
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        for _ in range(workers)
+        for _ in range(config.workers)
     ]
     caps = []
     for process in processes:
@@ -76,6 +91,7 @@ def ceiling(args: argparse.Namespace, variant: str, workers: int, threads: int) 
     first = results[0]
     combined = {"variant": first["variant"], "cap": caps[0], "batches": {}}
     combined["model_b1_ms"] = first["model_b1_ms"]
+    combined["lone_b1_ms"] = first["lone_b1_ms"]
     combined["model_ms_per_image"] = {
         int(size): seconds / int(size) for size, seconds in first["seconds_per_batch"].items()
     }
@@ -88,13 +104,44 @@ def ceiling(args: argparse.Namespace, variant: str, workers: int, threads: int) 
     return combined
 
 
-def served_env(args: argparse.Namespace, workers: int, threads: int) -> dict[str, str]:
+def photo_set_agreement(bundle, bodies: list[bytes]) -> dict:
+    """How often INT8's top class is fp32's on the benchmark's own photos, every size, through
+    the service's preprocessing and engine."""
+    import numpy as np
+
+    from app.engine import Engine
+    from app.preprocess import Preprocessor
+
+    preprocess = Preprocessor(bundle.manifest.input)
+    tensors = np.concatenate([preprocess(body) for body in bodies])
+    top = {
+        variant: Engine(bundle, device="cpu", variant=variant).run(tensors).argmax(1)
+        for variant in ("fp32", "int8")
+    }
+    return {"images": len(tensors), "agree": int((top["fp32"] == top["int8"]).sum())}
+
+
+def served_env(args: argparse.Namespace, config: Config) -> dict[str, str]:
     return {
         "BLINK_MODEL": str(args.model),
-        "BLINK_WORKERS": str(workers),
-        "BLINK_THREADS": str(threads),
+        "BLINK_WORKERS": str(config.workers),
+        "BLINK_THREADS": str(config.threads),
+        "BLINK_SPIN_WHEN_ALONE": str(config.lone).lower(),
         "BLINK_LOG_LEVEL": "warning",
     }
+
+
+def wait_idle(urls: list[str], timeout_s: float = 30.0) -> None:
+    """Until no server has a request in flight: a wrk run ends with up to `c` requests still
+    queued, and on shared cores their tail would fall into the next measured window."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(
+            promstats.total(promstats.scrape(url), "blink_requests_in_flight") == 0 for url in urls
+        ):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"requests still in flight after {timeout_s:g} s")
 
 
 def measured_run(url: str, pid: int, load: Load, args: argparse.Namespace, conc: int) -> dict:
@@ -138,23 +185,26 @@ def measure_served(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(tempfile.TemporaryFile())
         urls = {}
-        for workers, threads in args.configs:  # one at a time: each warm-up times its curve
-            env = served_env(args, workers, threads)
+        for config in args.configs:  # one at a time: each warm-up times its curve
             command = [sys.executable, "-m", "app", "serve"]
-            url = stack.enter_context(server(command, env, args.cpus, "/readyz", log))
-            urls[config_name(workers, threads)] = url
-            caps[config_name(workers, threads)] = model_batching(url[0])
-        default = config_name(*args.configs[0])
+            urls[config.name] = stack.enter_context(
+                server(command, served_env(args, config), args.cpus, "/readyz", log)
+            )
+            caps[config.name] = model_batching(urls[config.name][0])
+        default = args.configs[0].name
+        every_url = [url for url, _ in urls.values()]
         for url, _ in urls.values():  # warm-up, not recorded
             wrk(url, loads[MAIN_SIZE], args.cpus, max(args.concurrency), 1)
         for round_ in range(args.repeat):
             for conc in args.concurrency:
                 for name, (url, pid) in urls.items():
+                    wait_idle(every_url)
                     run = measured_run(url, pid, loads[MAIN_SIZE], args, conc)
                     matrix.setdefault(name, {}).setdefault(conc, []).append(run)
-                    progress(round_, f"c={conc:<3} {name:<22}", run)
+                    progress(round_, f"c={conc:<3} {name:<34}", run)
             url, pid = urls[default]
             for label, load in loads.items():
+                wait_idle(every_url)
                 run = measured_run(url, pid, load, args, args.loop_concurrency)
                 by_size.setdefault(label, []).append(run)
                 progress(round_, f"c={args.loop_concurrency:<3} {default} {label:<6}", run)
@@ -179,10 +229,6 @@ def progress(round_: int, what: str, run: dict) -> None:
     )
 
 
-def config_name(workers: int, threads: int) -> str:
-    return f"workers {workers}, threads {threads}"
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="an image-classifier bundle")
@@ -204,7 +250,7 @@ def parse_args() -> argparse.Namespace:
     args.decode_repeat = 5
     if args.quick:
         args.seconds, args.repeat, args.decode_repeat = 1.0, 1, 1
-        args.configs = [(1, 2), (2, 1)]
+        args.configs = CONFIGS[:2]
         args.concurrency = [1, 16]
         args.loop_concurrency = 4
     return args
@@ -225,8 +271,10 @@ def main() -> None:
             for label, directory in args.bodies.items()
         }
     variants = [v for v in ("fp32", "int8") if v in bundle.manifest.variants]
+    every_photo = [body for directory in args.bodies.values() for body in read_bodies(directory)]
+    agreement = photo_set_agreement(bundle, every_photo) if len(variants) == 2 else None
     ceilings = {
-        variant: {config_name(w, t): ceiling(args, variant, w, t) for w, t in args.configs}
+        variant: {config.name: ceiling(args, variant, config) for config in args.configs}
         for variant in variants
     }
     served, by_size, caps = measure_served(args)
@@ -238,6 +286,7 @@ def main() -> None:
         "main_size": MAIN_SIZE,
         "loop_concurrency": args.loop_concurrency,
         "decode": decode,
+        "int8_agreement": agreement,
         "ceilings": ceilings,
         "served": served,
         "loop_by_size": by_size,

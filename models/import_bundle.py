@@ -280,7 +280,12 @@ def write_quantized(
 
 
 def bias_corrected_onnx(
-    torch_model: nn.Module, calibration: np.ndarray, spec: InputSpec, full_range: bool, path: Path
+    torch_model: nn.Module,
+    calibration: np.ndarray,
+    spec: InputSpec,
+    full_range: bool,
+    path: Path,
+    float_first: bool = False,
 ) -> Path:
     """The BN-folded backbone with each layer's mean INT8 rounding error taken out of its bias
     (models/qat.py), exported and cleaned up for the quantizer. Depthwise convolutions, with
@@ -293,7 +298,10 @@ def bias_corrected_onnx(
     from models.quantize import quiet_logs
 
     corrected = qat.bias_corrected(
-        torch_model, calibration, weight_levels=qat.weight_levels(full_range)
+        torch_model,
+        calibration,
+        weight_levels=qat.weight_levels(full_range),
+        float_first=float_first,
     )
     raw = path.with_suffix(".raw.onnx")
     try:

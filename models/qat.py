@@ -180,11 +180,15 @@ def distill(
     return finish(student, handles)
 
 
-def fake_quantized(folded: nn.Module, calibration: np.ndarray, weight_levels: int) -> tuple:
+def fake_quantized(
+    folded: nn.Module, calibration: np.ndarray, weight_levels: int, float_first: bool = False
+) -> tuple:
     """A copy of a folded network with fake-quantized weights and inputs (ranges: min-max over
-    `calibration`), its quantized layers, and the hooks that quantize their inputs."""
+    `calibration`), its quantized layers, and the hooks that quantize their inputs; with
+    `float_first`, the first layer (the one that reads the image) stays float."""
     model = copy.deepcopy(folded).eval()
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    layers = layers[1:] if float_first else layers
     handles = []
     for layer, (low, high) in zip(layers, input_ranges(model, layers, calibration), strict=True):
         parametrize.register_parametrization(layer, "weight", WeightFakeQuant(weight_levels))
@@ -247,16 +251,22 @@ def local_errors(model: nn.Module, layers: list[nn.Module], images: np.ndarray) 
 
 
 def bias_corrected(
-    teacher: nn.Module, calibration: np.ndarray, *, weight_levels: int = 127
+    teacher: nn.Module,
+    calibration: np.ndarray,
+    *,
+    weight_levels: int = 127,
+    float_first: bool = False,
 ) -> nn.Module:
     """The BN-folded network with each layer's bias shifted by minus its mean rounding error
     under INT8 (weights and inputs fake-quantized as ONNX Runtime will quantize them), measured
     on `calibration` inside the quantized network: error that is systematic, not noise, is
     removed before ONNX Runtime quantizes. Once: a bias shift leaves each layer's own error as
-    it was, so a second pass would subtract it twice."""
+    it was, so a second pass would subtract it twice. `float_first`: the first layer will be left
+    unquantized (`nodes_to_exclude`), so its bias keeps its value."""
     folded = folded_copy(teacher)
     float_layers = [m for m in folded.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    quantized, layers, handles = fake_quantized(folded, calibration, weight_levels)
+    float_layers = float_layers[1:] if float_first else float_layers
+    quantized, layers, handles = fake_quantized(folded, calibration, weight_levels, float_first)
     errors = local_errors(quantized, layers, calibration)
     with torch.no_grad():
         for layer, error in zip(float_layers, errors, strict=True):

@@ -294,6 +294,17 @@ async def test_lone_request_runs_on_the_loop_once_a_batch_of_one_is_known_to_be_
     assert [thread == loop_thread for thread, _ in model.calls] == [False, True]
 
 
+async def test_an_inline_run_uses_the_inline_callable_and_batches_the_other():
+    batches, lone = ThreadRecorder(), ThreadRecorder()
+    batcher = MicroBatcher(batches, max_batch_size=8, inline_max_s=1.0, run_inline=lone)
+    await batcher.run(item(1), later())  # measured on the engine thread
+    await batcher.run(item(2), later())  # alone: inline
+    pending = [batcher.submit(item(v), later()) for v in (3, 4)]
+    assert [(await batcher.wait(p)).outputs[0, 0] for p in pending] == [6.0, 8.0]
+    assert [values for _, values in batches.calls] == [[1.0], [3.0, 4.0]]
+    assert lone.calls == [(threading.get_ident(), [2.0])]
+
+
 async def test_requests_arriving_together_are_batched_on_the_engine_thread_not_run_inline():
     model = ThreadRecorder()
     batcher = MicroBatcher(model, max_batch_size=8, inline_max_s=1.0)

@@ -79,6 +79,7 @@ def test_ceiling_table_has_fp32_and_int8_for_every_configuration(quick_run):
     for by_config in results["ceilings"].values():
         for ceiling in by_config.values():
             assert ceiling["best"]["median"] > 0 and ceiling["model_b1_ms"] > 0
+            assert ceiling["lone_b1_ms"] > 0
             assert 1 <= ceiling["cap"] <= 32
 
 
@@ -103,3 +104,5 @@ def test_targets_table_names_each_target(quick_run):
         assert f"{config}: c=1 p50" in targets
         assert f"{config}: INT8 / fp32 engine throughput (model alone)" in targets
     assert "12MP decoded off the event loop" in targets
+    photos = 7 * len(SIZES)
+    assert f"INT8 top-1 agreement with fp32 on the photo set ({photos} JPEGs)" in targets

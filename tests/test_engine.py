@@ -89,6 +89,30 @@ def test_cpu_engine_runs_the_chosen_variant(bundle_dir):
     assert logits.shape == (3, 10) and logits.dtype == np.float32
 
 
+@pytest.mark.parametrize(
+    ("threads", "spin_when_alone", "own_session"),
+    [(2, True, True), (2, False, False), (1, True, False)],
+)
+def test_a_lone_request_gets_a_spinning_session_only_where_threads_would_sleep(
+    bundle_dir, threads, spin_when_alone, own_session
+):
+    engine = Engine(
+        load_bundle(bundle_dir),
+        device="cpu",
+        threads=threads,
+        spin_when_alone=spin_when_alone,
+        max_batch_size=4,
+    )
+    assert (engine.lone_session is not engine.session) == own_session
+    spinning = "session.intra_op.allow_spinning"
+    entries = engine.lone_session.get_session_options().get_session_config_entry
+    assert entries(spinning) == ("1" if own_session else "0")
+    assert engine.session.get_session_options().get_session_config_entry(spinning) == "0"
+    engine.warm_up()
+    image = np.random.default_rng(0).normal(0, 1, (1, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(engine.run_lone(image), engine.run(image))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDAExecutionProvider in this ONNX Runtime (no GPU)")
 @pytest.mark.parametrize("device", ["cuda", "tensorrt"])
