@@ -99,7 +99,12 @@ def test_disconnected_client_request_never_reaches_the_engine(slow_bundle_dir):
         async def scenario() -> int:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 busy = asyncio.ensure_future(client.post("/classify", content=png(1), headers=PNG))
-                await asyncio.sleep(0.03)  # the engine is now running `busy`
+                # Until `busy`'s batch has started (a batch costs ~90 ms): sent any earlier, the
+                # second request could reach the idle engine first.
+                while not value(
+                    await asyncio.to_thread(scrape, url), "blink_queue_wait_seconds_count"
+                ):
+                    await asyncio.sleep(0.005)
                 host, port = urlsplit(url).hostname, urlsplit(url).port
                 body = png(2)
                 with socket.create_connection((host, port)) as raw:
