@@ -175,7 +175,8 @@ class Engine:
         sizes = self.buckets or range(1, self.max_batch_size + 1)
         for size in sizes:
             self.run(np.zeros((size, *self.input_shape), np.float32))
-        self.run_lone(np.zeros((1, *self.input_shape), np.float32))
+        if self.lone_session is not self.session:
+            self.run_lone(np.zeros((1, *self.input_shape), np.float32))
         self.batch_costs = {
             size: self.fastest_run_s(self.run, size, timed_repeats)
             for size in batch_buckets(self.max_batch_size)

@@ -114,8 +114,6 @@ def fold_efficientnet(model: nn.Module) -> nn.Module:
 def folded_copy(model: nn.Module) -> nn.Module:
     """A BN-folded copy: the library's EfficientNet by name, anything built of
     `nn.Sequential(conv, bn, ...)` units (the build's CNN, a fine-tuned backbone) generically."""
-    from models.export import fold_batch_norm
-
     return fold_efficientnet(model) if hasattr(model, "_blocks") else fold_batch_norm(model)
 
 
