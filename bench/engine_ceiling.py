@@ -7,9 +7,15 @@ Runs timed windows, one per batch size and repeat, and prints JSON: images per s
 size (median, min, max over the repeats), the batch cap the engine's warm-up curve chose, that
 curve, and the single-image model time. `--batches` takes sizes and `cap` (the chosen cap).
 
-With `--sync`, it prints `{"ready": true, "cap": N}` after warming up and reads a line from
-stdin: a start time (time.time()) and the batch sizes to measure. Several processes then
-measure the same windows at once: their rates add up to the ceiling of that many workers.
+With `--commands`, it warms up, prints those figures with `"ready": true`, and then answers
+commands on stdin, one JSON line each, until stdin ends, so that a benchmark can measure the
+engine between the service's windows:
+- `window START SIZE SECONDS`: from time.time() START, batches of SIZE for SECONDS; prints
+  `{"rate": images per second}`. Several processes given the same START measure the same
+  window: their rates add up to the ceiling of that many workers.
+- `lone SECONDS`: a lone request's work as the service does it on an idle service (decode on
+  the calling thread, the lone-request session, top-5), one image after the other; prints
+  `{"one_at_a_time_ms": the median}`.
 """
 
 from __future__ import annotations
@@ -31,8 +37,7 @@ from app.bundle import load_bundle
 from app.engine import Engine
 from app.postprocess import top_k
 from app.preprocess import Preprocessor
-
-WINDOW_GAP_S = 0.3  # between windows, so processes that drift apart line up again
+from bench.run import spread
 
 
 def images_in_window(
@@ -61,6 +66,18 @@ def images_in_window(
     return done
 
 
+def one_at_a_time_ms(engine, preprocess, labels, bodies, seconds: float) -> float:
+    """Median milliseconds of decode + lone-request run + top-5 for one image, back to back."""
+    took: list[float] = []
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        started = time.perf_counter()
+        (row,) = engine.run_lone(preprocess(bodies[len(took) % len(bodies)]))
+        top_k(row, 5, labels)
+        took.append(time.perf_counter() - started)
+    return statistics.median(took) * 1000
+
+
 def answer(engine, labels, tensor: np.ndarray) -> None:
     for row in engine.run(tensor):
         top_k(row, 5, labels)
@@ -82,7 +99,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", default=["1", "32"], help="sizes, or 'cap'")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--sync", action="store_true", help="wait for a start time on stdin")
+    parser.add_argument("--commands", action="store_true", help="answer commands on stdin")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
     engine = Engine(
@@ -97,33 +114,10 @@ def main() -> None:
     # what a lone request's model costs (Engine.run_lone): batch 1, back to back, the fastest run
     lone_b1_s = engine.fastest_run_s(engine.run_lone, 1, 20, budget_s=1.0)
     cap = batch_cap("measured", args.max_batch_size, costs)
-    sizes = sorted({cap if b == "cap" else int(b) for b in args.batches})
     preprocess = Preprocessor(bundle.manifest.input)
+    labels = bundle.manifest.labels
     bodies = [p.read_bytes() for p in sorted(args.bodies.glob("*.bin"))]
-    start = time.time()
-    if args.sync:  # the caller answers with a start time and the sizes all processes measure
-        print(json.dumps({"ready": True, "cap": cap}), flush=True)
-        start_text, *size_texts = sys.stdin.readline().split()
-        start, sizes = float(start_text), [int(s) for s in size_texts]
-    rates: dict[int, list[float]] = {size: [] for size in sizes}
     pool = ThreadPoolExecutor(args.decode_threads) if args.decode_threads else None
-    window = 0
-    for _ in range(args.repeat):
-        for size in sizes:
-            opens = start + window * (args.seconds + WINDOW_GAP_S)
-            time.sleep(max(0.0, opens - time.time()))
-            done = images_in_window(
-                engine,
-                preprocess,
-                bundle.manifest.labels,
-                bodies,
-                size,
-                opens + args.seconds,
-                pool,
-                args.decode_threads,
-            )
-            rates[size].append(done / (time.time() - opens))
-            window += 1
     result: dict = {
         "variant": engine.variant,
         "threads": args.threads,
@@ -133,14 +127,37 @@ def main() -> None:
         "seconds_per_batch": costs,
         "model_b1_ms": costs[1] * 1000,
         "lone_b1_ms": lone_b1_s * 1000,
-        "rates": rates,
     }
+
+    def window(opens: float, size: int, seconds: float) -> float:
+        time.sleep(max(0.0, opens - time.time()))
+        done = images_in_window(
+            engine, preprocess, labels, bodies, size, opens + seconds, pool, args.decode_threads
+        )
+        return done / (time.time() - opens)
+
+    if args.commands:
+        one_at_a_time_ms(engine, preprocess, labels, bodies, 0.2)  # first decodes, first runs
+        print(json.dumps({"ready": True, **result}), flush=True)
+        for line in sys.stdin:
+            command, *values = line.split()
+            if command == "window":
+                rate = window(float(values[0]), int(values[1]), float(values[2]))
+                print(json.dumps({"rate": rate}), flush=True)
+            elif command == "lone":
+                took = one_at_a_time_ms(engine, preprocess, labels, bodies, float(values[0]))
+                print(json.dumps({"one_at_a_time_ms": took}), flush=True)
+            else:
+                raise SystemExit(f"unknown command: {line.strip()}")
+        return
+    sizes = sorted({cap if b == "cap" else int(b) for b in args.batches})
+    rates: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(args.repeat):
+        for size in sizes:
+            rates[size].append(window(time.time(), size, args.seconds))
+    result["rates"] = rates
     for size, runs in rates.items():
-        result[f"b{size}"] = {
-            "median": statistics.median(runs),
-            "min": min(runs),
-            "max": max(runs),
-        }
+        result[f"b{size}"] = spread(runs)
     print(json.dumps(result))
 
 

@@ -243,6 +243,13 @@ def main() -> None:
         )
         stem = next(n.name for n in onnx.load(str(stem_float)).graph.node if n.op_type == "Conv")
         int8("bias-corrected, stem fp32", stem_float, calib, nodes_to_exclude=[stem])
+    if wanted("depthwise"):
+        depthwise = [
+            n.name
+            for n in graph.node
+            if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+        ]
+        int8("minmax, depthwise fp32", fp32, calib, nodes_to_exclude=depthwise)
     if args.qat_steps:
         tuned = self_distilled(torch_model, spec, calib, args, work / "tuned.onnx")
         int8(f"self-distilled QAT {args.qat_steps}x{args.qat_batch}", tuned, calib)

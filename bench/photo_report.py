@@ -90,6 +90,27 @@ def served_table(results: dict) -> list[str]:
     return lines
 
 
+def lone_table(results: dict) -> list[str]:
+    served = results["served"].items()
+    rows = [(name, by_c[1]) for name, by_c in served if "no_http_ms" in by_c.get(1, {})]
+    if not rows:
+        return []
+    lines = [
+        "A lone request (c=1) against the same work without HTTP (decode on the calling "
+        "thread, the lone request's run, top-5, one image at a time, in an engine process with "
+        "the same threads), measured just before each c=1 window (ms):",
+        "",
+        "| configuration | served p50 | same work, no HTTP, median | difference, by round "
+        "| decode (metrics) | inference per image (metrics) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c1 in rows:
+        cells = [name, ms(c1["p50_us"], 1e-3), ms(c1["no_http_ms"]), ms(c1["over_no_http_ms"])]
+        cells += [ms(c1["decode_ms"]), ms(c1["inference_ms_per_image"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def batching_table(results: dict) -> list[str]:
     lines = [
         "Batch cap chosen at warm-up (BLINK_BATCH_POLICY=measured), per-image ms at each timed "
@@ -115,26 +136,22 @@ def target_rows(results: dict) -> list[tuple[str, str, str, bool | None]]:
         top = max(by_c)
         if ceiling and top >= 16:
             got, best = by_c[top]["rps"]["median"], ceiling["best"]["median"]
+            measured = f"{got:.1f} / {best:.1f} = {got / best:.0%}"
+            share = got / best
+            if "of_ceiling" in by_c[top]:  # each round against its own ceiling window: robust
+                by_round = by_c[top]["of_ceiling"]  # to a machine whose speed drifts
+                share = by_round["median"]
+                measured += f"; by round {share:.0%} [{by_round['min']:.0%}-{by_round['max']:.0%}]"
             rows.append(
                 (
                     f"{name}: c={top} vs engine ceiling ({variant})",
-                    f"{got:.1f} / {best:.1f} = {got / best:.0%}",
+                    measured,
                     f">= {CEILING_SHARE:.0%}",
-                    got >= CEILING_SHARE * best,
+                    share >= CEILING_SHARE,
                 )
             )
         if ceiling and 1 in by_c:
-            single = one_worker_b1_ms(ceilings[variant], name, ceiling)
-            goal = single + decode_ms + C1_SLACK_MS
-            p50 = by_c[1]["p50_us"]["median"] / 1000
-            rows.append(
-                (
-                    f"{name}: c=1 p50",
-                    f"{p50:.2f} ms",
-                    f"<= {single:.2f} + {decode_ms:.2f} + {C1_SLACK_MS:g} = {goal:.2f} ms",
-                    p50 <= goal,
-                )
-            )
+            rows += c1_rows(name, by_c[1], ceilings[variant], decode_ms)
     rows += best_against_best(results)
     if "fp32" in ceilings and "int8" in ceilings:
         for name, fp32 in ceilings["fp32"].items():
@@ -192,11 +209,41 @@ def best_against_best(results: dict) -> list[tuple[str, str, str, bool | None]]:
     ]
 
 
-def one_worker_b1_ms(by_config: dict, name: str, ceiling: dict) -> float:
-    """Batch-1 model time of one worker with these threads, timed while nothing else ran: the
-    faster of the batch session and the session a lone request runs in."""
-    alone = by_config.get(re.sub(r"^workers \d+", "workers 1", name)) or ceiling
-    return min(alone["model_b1_ms"], alone.get("lone_b1_ms", alone["model_b1_ms"]))
+def c1_rows(
+    name: str, c1: dict, by_config: dict, decode_ms: float
+) -> list[tuple[str, str, str, bool | None]]:
+    """c=1 p50 against engine batch 1 + decode + 1 ms, two ways. The target: the same work
+    timed as one path without HTTP (bench/engine_ceiling.py's `lone`: decode, the lone
+    request's run, top-5, one image after the other) just before each c=1 window, so both sides
+    are medians of the same steps on the machine in the same state; the verdict is on the
+    median of the rounds' differences. Beside it, the parts timed apart: the fastest of 20
+    back-to-back model runs plus the one-core decode median, which leaves out what running the
+    model straight after a decode costs."""
+    p50 = c1["p50_us"]["median"] / 1000
+    rows: list[tuple[str, str, str, bool | None]] = []
+    if "over_no_http_ms" in c1:
+        over = c1["over_no_http_ms"]["median"]
+        rows.append(
+            (
+                f"{name}: c=1 p50 over the same work without HTTP",
+                f"{over:+.2f} ms ({p50:.2f} against {c1['no_http_ms']['median']:.2f})",
+                f"<= +{C1_SLACK_MS:g} ms",
+                over <= C1_SLACK_MS,
+            )
+        )
+    # c=1 reaches one worker: its figures, measured alone, where that configuration ran
+    alone = by_config.get(re.sub(r"^workers \d+", "workers 1", name)) or by_config[name]
+    single = min(alone["model_b1_ms"], alone.get("lone_b1_ms", alone["model_b1_ms"]))
+    goal = single + decode_ms + C1_SLACK_MS
+    rows.append(
+        (
+            f"{name}: c=1 p50 vs its parts timed apart",
+            f"{p50:.2f} ms",
+            f"<= {single:.2f} + {decode_ms:.2f} + {C1_SLACK_MS:g} = {goal:.2f} ms",
+            p50 <= goal,
+        )
+    )
+    return rows
 
 
 def report(results: dict) -> str:
@@ -214,6 +261,7 @@ def report(results: dict) -> str:
         "",
         *served_table(results),
         "",
+        *lone_table(results),
         "| target | measured | goal | met |",
         "|---|---|---|---|",
     ]

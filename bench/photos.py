@@ -10,9 +10,12 @@ bundle, on every usable core (the server gets them all, wrk runs beside it):
 3. Blink at c=1, 16, 64 for each configuration (requests/s, p50/p99, CPU per request split into
    the event loops and every other thread, and what the service's own metrics say);
 4. the targets: c=64 against the ceiling of the same configuration, c=1 p50 against engine
-   batch-1 + decode + 1 ms, INT8 against fp32.
+   batch-1 + decode (timed as one path, one image at a time, no HTTP) + 1 ms, INT8 against
+   fp32.
 
-Rounds are interleaved across configurations and repeated; the spread is printed.
+Rounds are interleaved across configurations and repeated; the spread is printed. The engine
+figures are measured inside the rounds, each just before the service's window it is compared
+with, so that a machine whose speed drifts moves both.
 
     python -m bench.photos --model BUNDLE [--seconds 3] [--repeat 2] [--quick]
 """
@@ -36,6 +39,7 @@ from bench.photo_report import report
 from bench.run import ROOT, Load, server, spread, wrk
 from bench.server_cpu import tree_cpu
 from loadtest import promstats
+from loadtest.processes import stop_process
 
 
 class Config(NamedTuple):
@@ -55,53 +59,80 @@ CONFIGS = [Config(1, 2), Config(2, 1), Config(1, 1), Config(2, 2), Config(1, 2, 
 MAIN_SIZE = "2MP"  # the photos the engine ceiling and the concurrency matrix use
 
 
-def ceiling(args: argparse.Namespace, variant: str, config: Config) -> dict:
-    """One engine process per worker, measuring the same windows at once; their rates add up."""
-    command = ["taskset", "-c", args.cpus, sys.executable, "-m", "bench.engine_ceiling"]
-    command += ["--model", str(args.model), "--bodies", str(args.bodies[MAIN_SIZE])]
-    command += ["--variant", variant, "--threads", str(config.threads), "--batches", "1", "cap"]
-    command += [] if config.lone else ["--no-lone-session"]
-    command += ["--decode-threads", str(args.decode_threads)]
-    command += ["--seconds", str(args.seconds), "--repeat", str(args.repeat), "--sync"]
-    processes = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        for _ in range(config.workers)
-    ]
-    caps = []
-    for process in processes:
+class EngineGroup:
+    """The engine without HTTP for one configuration and variant: one bench.engine_ceiling
+    process per worker (same intra-op threads, a decode pool as large as the service's), kept
+    running so that its windows can be measured between the service's."""
+
+    def __init__(self, args: argparse.Namespace, variant: str, config: Config) -> None:
+        command = ["taskset", "-c", args.cpus, sys.executable, "-m", "bench.engine_ceiling"]
+        command += ["--model", str(args.model), "--bodies", str(args.bodies[MAIN_SIZE])]
+        command += ["--variant", variant, "--threads", str(config.threads), "--commands"]
+        command += [] if config.lone else ["--no-lone-session"]
+        command += ["--decode-threads", str(args.decode_threads)]
+        self.processes = [
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            for _ in range(config.workers)  # they warm up together, as the service's workers do
+        ]
+        self.first = self.answer(self.processes[0])  # the first worker's curve decides the cap
+        for process in self.processes[1:]:
+            self.answer(process)
+        self.rates: dict[int, list[float]] = {1: [], self.first["cap"]: []}
+
+    @staticmethod
+    def answer(process: subprocess.Popen) -> dict:
         line = process.stdout.readline()  # type: ignore[union-attr]
         if not line:
-            raise RuntimeError(f"engine ceiling exited with {process.wait()}")
-        caps.append(json.loads(line)["cap"])
-    sizes = " ".join(str(s) for s in sorted({1, caps[0]}))  # the first worker's curve decides
-    start = time.time() + 0.2
-    for process in processes:
-        process.stdin.write(f"{start} {sizes}\n")  # type: ignore[union-attr]
-        process.stdin.close()  # type: ignore[union-attr]
-    results = [json.loads(process.stdout.read().strip().splitlines()[-1]) for process in processes]  # type: ignore[union-attr]
-    for process in processes:
-        process.wait()
-    first = results[0]
-    combined = {"variant": first["variant"], "cap": caps[0], "batches": {}}
-    combined["model_b1_ms"] = first["model_b1_ms"]
-    combined["lone_b1_ms"] = first["lone_b1_ms"]
-    combined["model_ms_per_image"] = {
-        int(size): seconds / int(size) for size, seconds in first["seconds_per_batch"].items()
-    }
-    for size in first["rates"]:
-        per_window = [sum(r["rates"][size][i] for r in results) for i in range(args.repeat)]
-        combined["batches"][int(size)] = spread(per_window)
-    best = max(combined["batches"], key=lambda s: combined["batches"][s]["median"])
-    combined["best_batch"] = best
-    combined["best"] = combined["batches"][best]
-    return combined
+            raise RuntimeError(f"bench.engine_ceiling exited with {process.wait()}")
+        return json.loads(line)
+
+    def command(self, processes: list[subprocess.Popen], line: str) -> list[dict]:
+        for process in processes:
+            process.stdin.write(line + "\n")  # type: ignore[union-attr]
+            process.stdin.flush()  # type: ignore[union-attr]
+        return [self.answer(process) for process in processes]
+
+    def ceiling_windows(self, seconds: float, also: int | None = None) -> None:
+        """Batch 1, the cap of this engine's warm-up curve and `also` (the cap the service
+        chose: curves timed at warm-up are noisy, so the two can differ), every worker over
+        the same window; the rates add up."""
+        if also is not None:
+            self.rates.setdefault(also, [])
+        for size in sorted(self.rates):
+            opens = time.time() + 0.2
+            answers = self.command(self.processes, f"window {opens} {size} {seconds}")
+            self.rates[size].append(sum(a["rate"] for a in answers))
+
+    def lone_window(self, seconds: float) -> float:
+        """A lone request's work without HTTP, one image at a time (median ms): what c=1 costs
+        the one worker it reaches, less HTTP and the service."""
+        (answer,) = self.command(self.processes[:1], f"lone {seconds}")
+        return answer["one_at_a_time_ms"]
+
+    def close(self) -> None:
+        for process in self.processes:
+            stop_process(process)
+
+    def summary(self) -> dict:
+        first = self.first
+        combined: dict = {"variant": first["variant"], "cap": first["cap"]}
+        combined["model_b1_ms"] = first["model_b1_ms"]
+        combined["lone_b1_ms"] = first["lone_b1_ms"]
+        combined["model_ms_per_image"] = {
+            int(size): seconds / int(size) for size, seconds in first["seconds_per_batch"].items()
+        }
+        combined["batches"] = {size: spread(rates) for size, rates in self.rates.items()}
+        best = max(combined["batches"], key=lambda s: combined["batches"][s]["median"])
+        combined["best_batch"] = best
+        combined["best"] = combined["batches"][best]
+        return combined
 
 
 def photo_set_agreement(bundle, bodies: list[bytes]) -> dict:
@@ -169,12 +200,18 @@ def summarise(runs: list[dict]) -> dict:
     summary = {key: spread([r[key] for r in runs]) for key in keys}
     for key in ("inference_ms_per_image", "mean_batch"):
         summary[key] = spread([r[key] for r in runs])
+    for key in ("no_http_ms", "over_no_http_ms", "of_ceiling"):  # c=1 or the top c only
+        if key in runs[0]:
+            summary[key] = spread([r[key] for r in runs])
     summary["errors"] = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
     return summary
 
 
-def measure_served(args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """The concurrency matrix on the main photos, and the event loop's cost at every size."""
+def measure(args: argparse.Namespace, variants: list[str]) -> tuple[dict, dict, dict, dict]:
+    """The concurrency matrix on the main photos, the engine ceilings and the event loop's cost
+    at every size. Each round measures, for every configuration, the engine ceiling (every
+    variant) just before the service at the highest concurrency and a lone request's work
+    without HTTP just before c=1, so that the figures compared see the machine in one state."""
     loads = {
         label: Load("/classify", directory, body_count(directory), "image/jpeg")
         for label, directory in args.bodies.items()
@@ -182,10 +219,16 @@ def measure_served(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     matrix: dict[str, dict[int, list[dict]]] = {}
     by_size: dict[str, list[dict]] = {}
     caps: dict[str, dict] = {}
+    top = max(args.concurrency)
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(tempfile.TemporaryFile())
-        urls = {}
+        engines: dict[tuple[str, str], EngineGroup] = {}
         for config in args.configs:  # one at a time: each warm-up times its curve
+            for variant in variants:
+                engines[variant, config.name] = group = EngineGroup(args, variant, config)
+                stack.callback(group.close)
+        urls = {}
+        for config in args.configs:
             command = [sys.executable, "-m", "app", "serve"]
             urls[config.name] = stack.enter_context(
                 server(command, served_env(args, config), args.cpus, "/readyz", log)
@@ -194,12 +237,25 @@ def measure_served(args: argparse.Namespace) -> tuple[dict, dict, dict]:
         default = args.configs[0].name
         every_url = [url for url, _ in urls.values()]
         for url, _ in urls.values():  # warm-up, not recorded
-            wrk(url, loads[MAIN_SIZE], args.cpus, max(args.concurrency), 1)
+            wrk(url, loads[MAIN_SIZE], args.cpus, top, 1)
         for round_ in range(args.repeat):
             for conc in args.concurrency:
                 for name, (url, pid) in urls.items():
                     wait_idle(every_url)
+                    served = engines[caps[name]["variant"], name]
+                    if conc == top:  # the served variant's ceiling last: next to the service's
+                        for variant in variants:
+                            if engines[variant, name] is not served:
+                                engines[variant, name].ceiling_windows(args.seconds)
+                        served.ceiling_windows(args.seconds, caps[name].get("batch_cap"))
+                        ceiling_now = max(rates[-1] for rates in served.rates.values())
+                    no_http_ms = served.lone_window(args.seconds) if conc == 1 else None
                     run = measured_run(url, pid, loads[MAIN_SIZE], args, conc)
+                    if conc == top:
+                        run["of_ceiling"] = run["rps"] / ceiling_now
+                    if no_http_ms is not None:
+                        run["no_http_ms"] = no_http_ms
+                        run["over_no_http_ms"] = run["p50_us"] / 1000 - no_http_ms
                     matrix.setdefault(name, {}).setdefault(conc, []).append(run)
                     progress(round_, f"c={conc:<3} {name:<34}", run)
             url, pid = urls[default]
@@ -208,11 +264,15 @@ def measure_served(args: argparse.Namespace) -> tuple[dict, dict, dict]:
                 run = measured_run(url, pid, load, args, args.loop_concurrency)
                 by_size.setdefault(label, []).append(run)
                 progress(round_, f"c={args.loop_concurrency:<3} {default} {label:<6}", run)
+        ceilings = {
+            variant: {c.name: engines[variant, c.name].summary() for c in args.configs}
+            for variant in variants
+        }
     served = {
         name: {c: summarise(runs) for c, runs in by_c.items()} for name, by_c in matrix.items()
     }
     sizes = {label: summarise(runs) for label, runs in by_size.items()}
-    return served, sizes, caps
+    return ceilings, served, sizes, caps
 
 
 def model_batching(url: str) -> dict:
@@ -273,11 +333,7 @@ def main() -> None:
     variants = [v for v in ("fp32", "int8") if v in bundle.manifest.variants]
     every_photo = [body for directory in args.bodies.values() for body in read_bodies(directory)]
     agreement = photo_set_agreement(bundle, every_photo) if len(variants) == 2 else None
-    ceilings = {
-        variant: {config.name: ceiling(args, variant, config) for config in args.configs}
-        for variant in variants
-    }
-    served, by_size, caps = measure_served(args)
+    ceilings, served, by_size, caps = measure(args, variants)
     results = {
         "model": f"{bundle.manifest.name}/{bundle.manifest.version}",
         "cpus": args.cpus,

@@ -81,6 +81,10 @@ def test_ceiling_table_has_fp32_and_int8_for_every_configuration(quick_run):
             assert ceiling["best"]["median"] > 0 and ceiling["model_b1_ms"] > 0
             assert ceiling["lone_b1_ms"] > 0
             assert 1 <= ceiling["cap"] <= 32
+    for name, batching in results["batching"].items():
+        # the served variant's ceiling is also measured at the batch cap the service chose
+        served = results["ceilings"][batching["variant"]][name]
+        assert str(batching["batch_cap"]) in served["batches"]
 
 
 def test_served_table_has_every_configuration_and_concurrency_without_errors(quick_run):
@@ -92,8 +96,22 @@ def test_served_table_has_every_configuration_and_concurrency_without_errors(qui
             assert summary["errors"] == 0
             assert summary["rps"]["median"] > 0 and summary["p50_us"]["median"] > 0
             assert summary["mean_batch"]["median"] >= 1
+    for by_c in results["served"].values():  # c=16, the top here, against its own ceiling
+        assert by_c["16"]["of_ceiling"]["min"] > 0 and "of_ceiling" not in by_c["1"]
     for batching in results["batching"].values():
         assert batching["policy"] == "measured" and batching["batch_cap"] >= 1
+
+
+def test_lone_request_is_compared_with_the_same_work_without_http(quick_run):
+    text, results = quick_run
+    rows = table_rows(text, "| configuration | served p50 |")
+    assert [row[0] for row in rows] == list(CONFIGS)
+    for name in CONFIGS:
+        c1 = results["served"][name]["1"]  # JSON keys are strings
+        # the path without HTTP decodes a 2 MP photo and runs the model: milliseconds, not zero
+        assert c1["no_http_ms"]["min"] > 1
+        served = c1["p50_us"]["median"] / 1000
+        assert c1["over_no_http_ms"]["min"] <= served - c1["no_http_ms"]["min"] + 1e-9
 
 
 def test_targets_table_names_each_target(quick_run):
@@ -101,7 +119,8 @@ def test_targets_table_names_each_target(quick_run):
     targets = [row[0] for row in table_rows(text, "| target |")]
     for config in CONFIGS:
         assert f"{config}: c=16 vs engine ceiling (int8)" in targets
-        assert f"{config}: c=1 p50" in targets
+        assert f"{config}: c=1 p50 over the same work without HTTP" in targets
+        assert f"{config}: c=1 p50 vs its parts timed apart" in targets
         assert f"{config}: INT8 / fp32 engine throughput (model alone)" in targets
     assert "12MP decoded off the event loop" in targets
     photos = 7 * len(SIZES)
