@@ -136,12 +136,13 @@ def target_rows(results: dict) -> list[tuple[str, str, str, bool | None]]:
         top = max(by_c)
         if ceiling and top >= 16:
             got, best = by_c[top]["rps"]["median"], ceiling["best"]["median"]
-            measured = f"{got:.1f} / {best:.1f} = {got / best:.0%}"
+            measured = f"{got:.1f} / {best:.1f} = {got / best:.1%}"
             share = got / best
             if "of_ceiling" in by_c[top]:  # each round against its own ceiling window: robust
                 by_round = by_c[top]["of_ceiling"]  # to a machine whose speed drifts
                 share = by_round["median"]
-                measured += f"; by round {share:.0%} [{by_round['min']:.0%}-{by_round['max']:.0%}]"
+                low, high = by_round["min"], by_round["max"]
+                measured += f"; by round {share:.1%} [{low:.1%}-{high:.1%}]"
             rows.append(
                 (
                     f"{name}: c={top} vs engine ceiling ({variant})",
@@ -202,7 +203,7 @@ def best_against_best(results: dict) -> list[tuple[str, str, str, bool | None]]:
     return [
         (
             f"best served ({name}), c={top} vs best ceiling ({best_name}, {variant})",
-            f"{got:.1f} / {best:.1f} = {got / best:.0%}",
+            f"{got:.1f} / {best:.1f} = {got / best:.1%}",
             f">= {CEILING_SHARE:.0%}",
             got >= CEILING_SHARE * best,
         )
