@@ -99,16 +99,17 @@ class EngineGroup:
             process.stdin.flush()  # type: ignore[union-attr]
         return [self.answer(process) for process in processes]
 
-    def ceiling_windows(self, seconds: float, also: int | None = None) -> None:
+    def ceiling_windows(self, seconds: float, also: int | None = None) -> float:
         """Batch 1, the cap of this engine's warm-up curve and `also` (the cap the service
         chose: curves timed at warm-up are noisy, so the two can differ), every worker over
-        the same window; the rates add up."""
+        the same window; the rates add up. Returns this round's best rate."""
         if also is not None:
             self.rates.setdefault(also, [])
         for size in sorted(self.rates):
             opens = time.time() + 0.2
             answers = self.command(self.processes, f"window {opens} {size} {seconds}")
             self.rates[size].append(sum(a["rate"] for a in answers))
+        return max(rates[-1] for rates in self.rates.values())
 
     def lone_window(self, seconds: float) -> float:
         """A lone request's work without HTTP, one image at a time (median ms): what c=1 costs
@@ -243,15 +244,16 @@ def measure(args: argparse.Namespace, variants: list[str]) -> tuple[dict, dict, 
                 for name, (url, pid) in urls.items():
                     wait_idle(every_url)
                     served = engines[caps[name]["variant"], name]
+                    ceiling_now = None
                     if conc == top:  # the served variant's ceiling last: next to the service's
                         for variant in variants:
                             if engines[variant, name] is not served:
                                 engines[variant, name].ceiling_windows(args.seconds)
-                        served.ceiling_windows(args.seconds, caps[name].get("batch_cap"))
-                        ceiling_now = max(rates[-1] for rates in served.rates.values())
+                        also = caps[name].get("batch_cap")
+                        ceiling_now = served.ceiling_windows(args.seconds, also)
                     no_http_ms = served.lone_window(args.seconds) if conc == 1 else None
                     run = measured_run(url, pid, loads[MAIN_SIZE], args, conc)
-                    if conc == top:
+                    if ceiling_now is not None:
                         run["of_ceiling"] = run["rps"] / ceiling_now
                     if no_http_ms is not None:
                         run["no_http_ms"] = no_http_ms

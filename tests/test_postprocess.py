@@ -1,4 +1,5 @@
-"""top_k against the plain definition: a full stable sort and a float64 softmax of every class.
+"""top_k against the plain definition (bench/top_k_cost.py: sort_everything): a full stable
+sort and a float64 softmax of every class.
 
 The service ranks 1000-class outputs with a partial sort; these properties hold it to exactly
 the answer (order, ties, scores bit for bit) of sorting everything, for small and large outputs,
@@ -14,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from app.postprocess import SMALL_OUTPUT, softmax, top_indices, top_k
+from app.postprocess import SMALL_OUTPUT, top_indices, top_k
+from bench.top_k_cost import sort_everything
 
 # few distinct values, so that ties are common; the rare ones test what no model should send
 VALUES = st.sampled_from([-3.5, -1.0, 0.0, 0.25, 0.25, 2.0, 7.0, float("inf"), float("nan")])
@@ -23,15 +25,11 @@ OUTPUTS = st.integers(1, 1500).flatmap(
 )
 
 
-def reference(logits: np.ndarray, k: int, probabilities: bool) -> list[tuple[int, float]]:
-    scores = logits.tolist() if probabilities else softmax(logits).tolist()
-    best = np.argsort(-logits, kind="stable")[:k].tolist()
-    return [(i, scores[i]) for i in best]
-
-
-def answered(logits: np.ndarray, k: int, probabilities: bool) -> list[tuple[int, float]]:
+def answered(
+    logits: np.ndarray, k: int, probabilities: bool = False, rank=top_k
+) -> list[tuple[int, float]]:
     labels = [f"class {i}" for i in range(len(logits))]
-    rows = top_k(logits, k, labels, probabilities=probabilities)
+    rows = rank(logits, k, labels, probabilities=probabilities)
     assert all(row["label"] == labels[row["index"]] for row in rows)
     return [(row["index"], row["score"]) for row in rows]
 
@@ -60,7 +58,8 @@ def test_top_k_answers_what_sorting_every_class_answers(logits, data, probabilit
     if python_path and not np.isfinite(logits).all():
         return  # small logits take the pure-Python path, whose arithmetic differs on inf/NaN
     with np.errstate(all="ignore"):  # inf - inf: the same NaN both ways, and a warning each
-        got, expected = answered(logits, k, probabilities), reference(logits, k, probabilities)
+        got = answered(logits, k, probabilities)
+        expected = answered(logits, k, probabilities, rank=sort_everything)
     assert same(got, expected, exact=not python_path)
 
 
@@ -68,8 +67,4 @@ def test_a_thousand_classes_with_ties_keep_index_order():
     logits = np.zeros(1000, np.float32)
     logits[[10, 500, 999]] = 3.0
     logits[[7, 8]] = 5.0
-    assert [row["index"] for row in answered_rows(logits, 5)] == [7, 8, 10, 500, 999]
-
-
-def answered_rows(logits: np.ndarray, k: int) -> list[dict]:
-    return top_k(logits, k, [str(i) for i in range(len(logits))])
+    assert [index for index, _ in answered(logits, 5)] == [7, 8, 10, 500, 999]
