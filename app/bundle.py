@@ -73,6 +73,50 @@ class OutputSpec(BaseModel):
     kind: Literal["logits", "probabilities"] = "logits"
 
 
+class Calibration(BaseModel):
+    """What makes scores meaningful: a temperature fitted on a split the model never trained
+    on, and split-conformal thresholds for prediction sets (docs/calibration.md).
+
+    The served score of class i is softmax(logits / temperature)[i]. For a coverage level c
+    (a key of `thresholds`, e.g. "0.95") the prediction set is every label whose served score
+    is at least `thresholds[c]`, or the top label alone when none reaches it (a set is never
+    empty), so the true label is in it for at least a fraction c of exchangeable images.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, gt=0)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    # how they were fitted: which split, how many images
+    split: str = ""
+    images: int = Field(0, ge=0)
+    # figures measured on the test split, for the report and /v1/models
+    ece_before: float | None = None
+    ece_after: float | None = None
+    coverage: dict[str, float] = Field(default_factory=dict)
+    mean_set_size: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _levels(self) -> Calibration:
+        for level, threshold in self.thresholds.items():
+            try:
+                value = float(level)
+            except ValueError:
+                raise ValueError(f"coverage level {level!r} is not a number") from None
+            if not 0 < value < 1:
+                raise ValueError(f"coverage level {level} is outside (0, 1)")
+            if not 0 <= threshold <= 1:
+                raise ValueError(f"threshold {threshold} for coverage {level} is outside [0, 1]")
+        return self
+
+    def threshold_for(self, coverage: float) -> float | None:
+        """The score threshold recorded for `coverage`, or None when that level is not."""
+        for level, threshold in self.thresholds.items():
+            if abs(float(level) - coverage) < 1e-9:
+                return threshold
+        return None
+
+
 class VariantFile(BaseModel):
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -96,6 +140,8 @@ class Manifest(BaseModel):
         default_factory=dict
     )
     provenance: dict[str, object] = Field(default_factory=dict)
+    # absent in bundles built without labelled held-out data: scores are then the plain softmax
+    calibration: Calibration | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> Manifest:

@@ -14,7 +14,10 @@ ERRORS = {
     "400": "The body is not a decodable image",
     "413": "The body or the image's pixel count is over the limit",
     "415": "Unsupported Content-Type",
-    "422": "Invalid top_k, or multipart without a 'file' field",
+    "422": (
+        "Invalid top_k; coverage not a number in (0, 1), not a level the bundle recorded, or "
+        "asked of a model without conformal calibration; multipart without a 'file' field"
+    ),
     "503": "Queue full or model not ready (see Retry-After)",
     "504": "The request's deadline passed before it could run",
 }
@@ -29,8 +32,9 @@ def classify_path(schema_ref: str) -> dict[str, Any]:
             "summary": "Classify one image",
             "description": (
                 "Send the image as the raw body (its format is sniffed) or as the `file` field "
-                "of multipart/form-data. Answers the top classes, best first, with an "
-                "`X-Request-ID` (yours, if you sent one) and a `Server-Timing` header."
+                "of multipart/form-data. Answers the top classes, best first (scores calibrated "
+                "by the bundle's temperature when it has one), with an `X-Request-ID` (yours, if "
+                "you sent one) and a `Server-Timing` header; with `coverage`, a prediction set too."
             ),
             "operationId": "classify",
             "parameters": [
@@ -40,6 +44,19 @@ def classify_path(schema_ref: str) -> dict[str, Any]:
                     "required": False,
                     "schema": {"type": "integer", "minimum": 1, "default": 5},
                     "description": "How many classes to return, at most the number of labels.",
+                },
+                {
+                    "name": "coverage",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                    "example": 0.95,
+                    "description": (
+                        "Also answer a conformal `prediction_set`: the labels that hold the true "
+                        "one for at least this fraction of images like the calibration split's. "
+                        "Only the levels the bundle recorded (GET /v1/models, "
+                        "`calibration.coverage_levels`); a bundle without calibration refuses it."
+                    ),
                 },
                 {
                     "name": "X-Request-ID",
@@ -64,7 +81,7 @@ def classify_path(schema_ref: str) -> dict[str, Any]:
             },
             "responses": {
                 "200": {
-                    "description": "The top classes",
+                    "description": "The top classes (`prediction_set` only with `coverage`)",
                     "headers": {
                         "X-Request-ID": {"schema": {"type": "string"}},
                         "Server-Timing": {
@@ -86,6 +103,12 @@ def classify_path(schema_ref: str) -> dict[str, Any]:
                                     {"label": "Ankle boot", "index": 9, "score": 0.97},
                                     {"label": "Sneaker", "index": 7, "score": 0.02},
                                 ],
+                                "prediction_set": {
+                                    "coverage": 0.95,
+                                    "labels": ["Ankle boot"],
+                                    "indices": [9],
+                                    "scores": [0.97],
+                                },
                             },
                         }
                     },

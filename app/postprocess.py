@@ -1,7 +1,10 @@
-"""Model outputs -> the top classes with probabilities, one request at a time.
+"""Model outputs -> the top classes with probabilities, and conformal prediction sets.
 
 Outputs are logits (a softmax turns them into probabilities) or, for models that end in a
 softmax of their own (manifest output kind `probabilities`), the probabilities themselves.
+A calibrated bundle (manifest `calibration`) also sets a temperature T: the served score is then
+softmax(logits / T), or p ** (1/T) renormalised for probability outputs; T == 1 is the plain
+softmax and costs nothing extra.
 """
 
 from __future__ import annotations
@@ -22,6 +25,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     exp = np.exp(shifted)
     probabilities: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
     return probabilities
+
+
+def tempered(outputs: np.ndarray, temperature: float, probabilities: bool) -> np.ndarray:
+    """Logits whose plain softmax is the served score: logits / T, or log(p) / T (float64).
+
+    softmax(log(p) / T) is p ** (1/T) renormalised, computed in log space so that small
+    probabilities raised to a large power do not underflow to a sum of zero.
+    """
+    values = outputs.astype(np.float64)
+    if probabilities:
+        with np.errstate(divide="ignore"):  # log(0) = -inf: a score of exactly 0, as it was
+            values = np.log(values)
+    scaled: np.ndarray = values / temperature
+    return scaled
+
+
+def calibrated_scores(
+    outputs: np.ndarray, temperature: float = 1.0, *, probabilities: bool = False
+) -> np.ndarray:
+    """The served scores over the last axis, in float64, a batch at a time (V2's
+    `probabilities`, and the build, which fits and measures on exactly these scores)."""
+    if temperature != 1.0:
+        return softmax(tempered(outputs, temperature, probabilities))
+    if probabilities:
+        return outputs.astype(np.float64)
+    return softmax(outputs)
 
 
 def top_indices(values: np.ndarray, k: int) -> list[int]:
@@ -45,13 +74,20 @@ def top_indices(values: np.ndarray, k: int) -> list[int]:
 
 
 def top_k(
-    logits: np.ndarray, k: int, labels: list[str], *, probabilities: bool = False
+    logits: np.ndarray,
+    k: int,
+    labels: list[str],
+    *,
+    probabilities: bool = False,
+    temperature: float = 1.0,
 ) -> list[dict[str, Any]]:
     """The `k` most likely classes of one image's outputs, best first (ties: lower index).
 
     `probabilities`: the outputs are probabilities already; they are ranked and answered as
-    they are, never put through a second softmax.
+    they are, never put through a second softmax. `temperature`: the bundle's calibrated one.
     """
+    if temperature != 1.0:  # the calibrated scores are the plain softmax of tempered logits
+        logits, probabilities = tempered(logits, temperature, probabilities), False
     if probabilities:
         best = top_indices(logits, k)
         return [{"label": labels[i], "index": i, "score": float(logits[i])} for i in best]
@@ -71,3 +107,55 @@ def top_k(
         {"label": labels[i], "index": i, "score": float(exp[i] / total)}
         for i in top_indices(logits, k)
     ]
+
+
+def row_scores(
+    logits: np.ndarray, *, probabilities: bool = False, temperature: float = 1.0
+) -> np.ndarray:
+    """Every class's served score for one image, bit for bit the scores `top_k` answers (the
+    same arithmetic on the same path), so a prediction set never contradicts the predictions."""
+    if temperature != 1.0:
+        logits, probabilities = tempered(logits, temperature, probabilities), False
+    if probabilities:
+        return logits.astype(np.float64)
+    if len(logits) <= SMALL_OUTPUT:
+        values = logits.tolist()
+        peak = max(values)
+        exps = [math.exp(v - peak) for v in values]
+        total = sum(exps)
+        return np.array([e / total for e in exps], np.float64)
+    exp = np.exp(logits.astype(np.float64) - logits.max())
+    scores: np.ndarray = exp / exp.sum()
+    return scores
+
+
+def prediction_set_indices(scores: np.ndarray, threshold: float) -> list[int]:
+    """The split-conformal prediction set: every class whose score reaches `threshold`, best
+    first (ties: lower index); the top class alone when none does, so it is never empty."""
+    members = np.flatnonzero(scores >= threshold)
+    if len(members) == 0:
+        return top_indices(scores, 1)
+    order = np.argsort(-scores[members], kind="stable")
+    chosen: list[int] = members[order].tolist()
+    return chosen
+
+
+def prediction_set(
+    logits: np.ndarray,
+    coverage: float,
+    threshold: float,
+    labels: list[str],
+    *,
+    probabilities: bool = False,
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """One image's prediction set at `coverage`, whose recorded score threshold is `threshold`:
+    `{"coverage", "labels", "indices", "scores"}`, the answer's `prediction_set`."""
+    scores = row_scores(logits, probabilities=probabilities, temperature=temperature)
+    members = prediction_set_indices(scores, threshold)
+    return {
+        "coverage": coverage,
+        "labels": [labels[i] for i in members],
+        "indices": members,
+        "scores": scores[members].tolist(),
+    }

@@ -19,7 +19,10 @@ class ErrorResponse(BaseModel):
 class PredictionOut(BaseModel):
     label: str = Field(examples=["Ankle boot"])
     index: int = Field(examples=[9])
-    score: float = Field(examples=[0.973], description="Softmax probability")
+    score: float = Field(
+        examples=[0.973],
+        description="Softmax probability, calibrated by the bundle's temperature when it has one",
+    )
 
 
 class ModelRef(BaseModel):
@@ -28,9 +31,25 @@ class ModelRef(BaseModel):
     variant: str = Field(examples=["int8"])
 
 
+class PredictionSetOut(BaseModel):
+    coverage: float = Field(examples=[0.95], description="The coverage level asked for")
+    labels: list[str] = Field(
+        examples=[["Shirt", "T-shirt/top"]],
+        description="Every label whose score reaches the level's calibrated threshold, best "
+        "first; the top label alone when none does (never empty)",
+    )
+    indices: list[int] = Field(examples=[[6, 0]])
+    scores: list[float] = Field(examples=[[0.61, 0.33]])
+
+
 class ClassifyResponse(BaseModel):
     model: ModelRef
     predictions: list[PredictionOut]
+    prediction_set: PredictionSetOut | None = Field(
+        None,
+        description="Only when `coverage` was asked for: the labels that hold the true one for "
+        "at least that fraction of images like the calibration split's",
+    )
 
 
 class Status(BaseModel):
@@ -85,6 +104,28 @@ class Batching(BaseModel):
     )
 
 
+class CalibrationOut(BaseModel):
+    calibrated: bool = Field(description="false: scores are the plain softmax, no prediction sets")
+    temperature: float = Field(examples=[1.4], description="Scores are softmax(logits / this)")
+    coverage_levels: list[float] = Field(
+        examples=[[0.9, 0.95, 0.99]], description="The levels /classify's `coverage` accepts"
+    )
+    thresholds: dict[str, float] | None = Field(
+        None, description="Score threshold per coverage level, fitted on `split`"
+    )
+    measured_coverage: dict[str, float] | None = Field(
+        None, description="Fraction of test images whose set held the true label, per level"
+    )
+    mean_set_size: dict[str, float] | None = Field(
+        None, description="Mean labels per set on the test images, per level"
+    )
+    split: str | None = Field(None, description="The split the calibration was fitted on")
+    images: int | None = Field(None, description="How many images it was fitted on")
+    ece_before: float | None = Field(None, description="Expected calibration error, T = 1")
+    ece_after: float | None = Field(None, description="Expected calibration error, fitted T")
+    summary: str = Field(description="The above in one sentence")
+
+
 class ModelOut(BaseModel):
     name: str
     version: str
@@ -96,6 +137,7 @@ class ModelOut(BaseModel):
     max_batch_size: int
     batching: Batching
     metrics: dict[str, Any]
+    calibration: CalibrationOut
 
 
 class ModelList(BaseModel):

@@ -21,9 +21,9 @@ import numpy as np
 from app.admission import Admission
 from app.batch_policy import batch_cap
 from app.batching import GoneProbe, MicroBatcher
-from app.bundle import Bundle, BundleError, load_bundle
+from app.bundle import Bundle, BundleError, Calibration, load_bundle
 from app.engine import Engine
-from app.errors import NotReady
+from app.errors import InvalidParameter, NotReady
 from app.metrics import ServiceMetrics, ready_workers, worker_models
 from app.preprocess import Preprocessor
 from app.settings import Settings, usable_cores
@@ -60,6 +60,9 @@ class ModelService:
         )
         self.labels = manifest.labels
         self.probabilities = manifest.output.kind == "probabilities"  # no second softmax
+        # Scores are softmax(logits / temperature); 1 (no calibration) is the plain softmax.
+        self.calibration = manifest.calibration
+        self.temperature = self.calibration.temperature if self.calibration else 1.0
         # What every answer says of the model, built once.
         self.model_fields = {
             "name": manifest.name,
@@ -238,3 +241,20 @@ class ModelService:
     async def close(self) -> None:
         await self.batcher.drain()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def coverage_threshold(calibration: Calibration | None, coverage: float) -> float:
+    """The score threshold of prediction sets at `coverage`; InvalidParameter, saying what can
+    be asked instead, when the bundle recorded none for it (both protocols answer this)."""
+    if calibration is None or not calibration.thresholds:
+        raise InvalidParameter(
+            "this model's bundle has no conformal calibration, so it cannot answer prediction "
+            "sets: build it with labelled data (or import it with `blink import --eval DIR`)"
+        )
+    threshold = calibration.threshold_for(coverage)
+    if threshold is None:
+        levels = ", ".join(sorted(calibration.thresholds, key=float))
+        raise InvalidParameter(
+            f"coverage {coverage!r} was not calibrated for this model: ask for one of {levels}"
+        )
+    return threshold

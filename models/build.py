@@ -24,6 +24,11 @@ DEFAULTS = {
     "width": 24,
     "depth": 1,
 }
+# Held-out fractions of the training images. The built-in datasets hold tens of thousands, so a
+# small fraction is plenty; a folder needs more for the conformal thresholds of 99% coverage
+# (99 images at least).
+HELD_OUT = {"folder": (0.1, 0.1), "builtin": (0.025, 0.025)}
+DEFAULT_BUDGET_MINUTES = 10.0
 # The default schedule, sized for a build budget of about 10 minutes on two cores: 18 epochs where
 # training runs in mixed precision (a CPU with native bf16, or CUDA), 6 where it is plain fp32
 # (slower per step on the same CPU, and AVX2-only CPUs slower still; the report records each
@@ -55,16 +60,60 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--val-split",
         type=float,
-        help="fraction of training data for validation (default 0.05; 0.1 with --pretrained)",
+        help="fraction of training data for validation: epochs, candidates and the temperature "
+        "are chosen on it (default 0.1 for folders, 0.025 for the built-in datasets)",
     )
-    data.add_argument("--image-size", type=int, help="folder: resize images to this square size")
+    data.add_argument(
+        "--calibration-split",
+        type=float,
+        help="fraction of training data held out for the conformal thresholds of prediction "
+        "sets, never trained on (default as --val-split; 0: no prediction sets)",
+    )
+    data.add_argument(
+        "--image-size",
+        type=int,
+        help="folder: resize images to this square size (default: the images' own size, the "
+        "shorter side capped at 320)",
+    )
+    cand = p.add_argument_group("folder candidates (see docs/build.md)")
+    cand.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_MINUTES,
+        metavar="MINUTES",
+        help="training time for every candidate together; each stops early or at its share",
+    )
+    cand.add_argument(
+        "--candidates",
+        help="comma-separated: scratch and/or installed backbones, e.g. "
+        "scratch,efficientnet-lite0 (default: scratch, then every installed backbone)",
+    )
+    cand.add_argument(
+        "--fast",
+        action="store_true",
+        help="the frozen-feature path: cached backbone features, a new head and the last "
+        "layers tuned (--pretrained, default efficientnet-lite0); for folders too large for "
+        "whole-network training in the budget",
+    )
+    cand.add_argument("--rot90", action="store_true", help="augment with quarter turns")
+    cand.add_argument("--vflip", action="store_true", help="augment with vertical flips")
+    cand.add_argument("--no-flip", action="store_true", help="no horizontal flips")
+    cand.add_argument(
+        "--noise", type=float, default=0.0, help="Gaussian pixel noise (0..255 units) to augment"
+    )
+    cand.add_argument(
+        "--coverage",
+        help="coverage levels of the prediction sets, comma-separated "
+        "(default 0.9,0.95,0.99: those the calibration split can support)",
+    )
     pre = p.add_argument_group(
         "transfer learning (--dataset folder --pretrained NAME; see docs/transfer-learning.md)"
     )
     pre.add_argument(
         "--pretrained",
         choices=sorted(PRETRAINED),
-        help="fine-tune this ImageNet backbone instead of training the small CNN from scratch",
+        help="fine-tune this ImageNet backbone only (the whole network; with --fast, the "
+        "frozen-feature path)",
     )
     pre.add_argument(
         "--views",
@@ -76,15 +125,15 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--crop-scale",
         type=float,
-        default=ViewConfig.scale[0],
-        help="smallest area fraction a random crop keeps (1: flips and colour jitter only, "
-        "for labels that depend on details anywhere in the frame)",
+        default=1.0,
+        help="--fast: smallest area fraction a random resized crop keeps (default 1: none, "
+        "since a crop can cut off what decides a label; 0.5 for centred objects)",
     )
     pre.add_argument(
         "--crop-fraction",
         type=float,
-        help="centre crop of the served input (default: the backbone's, e.g. 0.875; "
-        "1 keeps the whole frame)",
+        help="centre crop of the served input (default 1: the whole frame; ImageNet "
+        "backbones were evaluated at 0.875)",
     )
     pre.add_argument("--head-epochs", type=int, default=FINE_TUNE["head_epochs"])
     pre.add_argument(
@@ -117,8 +166,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lr", type=float, help="peak one-cycle learning rate (default: 4e-3 AdamW, 0.1 SGD)"
     )
-    t.add_argument("--width", type=int, default=DEFAULTS["width"], help="stem channels")
-    t.add_argument("--depth", type=int, default=DEFAULTS["depth"], help="blocks per stage")
+    t.add_argument(
+        "--width", type=int, help="stem channels (default 24; 16 for a folder's larger images)"
+    )
+    t.add_argument("--depth", type=int, help="blocks per stage (default 1)")
     # Off by default: six epochs underfit (train accuracy stays below validation's), and erasing
     # images cost accuracy there (compare the reports of two builds); longer schedules may want it.
     t.add_argument("--erase", type=float, default=0.0, help="random-erasing probability per image")
@@ -172,15 +223,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(args: argparse.Namespace) -> None:
+    from models.calibration import DEFAULT_COVERAGE
+
     if args.lr is None:
         args.lr = {"adamw": 4e-3, "sgd": 0.1}[args.optimizer]
     if (
         (args.epochs is not None and args.epochs < 1)
         or args.batch_size < 1
-        or args.width < 1
-        or args.depth < 1
+        or (args.width is not None and args.width < 1)
+        or (args.depth is not None and args.depth < 1)
     ):
         raise BuildError("--epochs, --batch-size, --width and --depth must be at least 1")
+    if args.budget <= 0:
+        raise BuildError(f"--budget must be a positive number of minutes, not {args.budget}")
+    args.coverage_given = args.coverage is not None
+    args.coverage = parse_coverage(args.coverage) if args.coverage else DEFAULT_COVERAGE
+    val, cal = HELD_OUT["folder" if args.dataset == "folder" else "builtin"]
+    if args.val_split is None:
+        args.val_split = val
+    if args.calibration_split is None:
+        args.calibration_split = cal
+    if args.pretrained and args.candidates:
+        raise BuildError("--pretrained names the one candidate; leave out --candidates")
+    if args.fast and args.dataset != "folder":
+        raise BuildError("--fast needs --dataset folder (a class-per-folder image tree)")
     if args.limit is not None and args.limit < 10:
         raise BuildError("--limit must be at least 10")
     if not 0 <= args.prune < 1:
@@ -191,10 +257,24 @@ def validate(args: argparse.Namespace) -> None:
         raise BuildError("--calibration-images must be at least 1")
     if args.teacher and args.teacher != "auto-train" and not Path(args.teacher).is_file():
         raise BuildError(f"--teacher {args.teacher}: no such checkpoint (or use 'auto-train')")
-    if args.val_split is None:
-        args.val_split = 0.1 if args.pretrained else 0.05
+    if args.fast and not args.pretrained:
+        args.pretrained = "efficientnet-lite0"
     if args.pretrained:
         validate_transfer(args)
+
+
+def parse_coverage(text: str) -> tuple[float, ...]:
+    """'0.9,0.95' -> (0.9, 0.95); each level strictly between 0 and 1."""
+    levels = []
+    for part in text.split(","):
+        try:
+            level = float(part)
+        except ValueError:
+            raise BuildError(f"--coverage: {part!r} is not a number") from None
+        if not 0 < level < 1:
+            raise BuildError(f"--coverage levels must be in (0, 1), not {part.strip()}")
+        levels.append(level)
+    return tuple(sorted(set(levels)))
 
 
 def validate_transfer(args: argparse.Namespace) -> None:
@@ -225,8 +305,15 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
         raise BuildError(f"{args.out / state.name / state.version} already exists; pass --version")
     training.setup_torch(args.seed, args.threads)
     state.training_precision = precision = training.training_precision(args.precision)
-    if args.pretrained:
+    state.coverage = args.coverage
+    if args.fast:
         return build_transfer(state)
+    if args.dataset == "folder":
+        from models.build_folder import build_folder
+
+        return build_folder(state)
+    args.width = args.width or DEFAULTS["width"]
+    args.depth = args.depth or DEFAULTS["depth"]
     state.network = {"width": args.width, "depth": args.depth}
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS["fp32" if precision == "fp32" else "mixed"]
@@ -242,15 +329,15 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
             )
             if args.limit:
                 dataset = datasets.limit(dataset, args.limit, args.seed)
-            train_set, val_set = datasets.split_validation(
-                dataset.train_images, dataset.train_labels, args.val_split, args.seed
-            )
+            train_set, val_set, cal_set = held_out(args, dataset.train_images, dataset.train_labels)
         except datasets.DatasetError as exc:
             raise BuildError(str(exc)) from exc
+        state.held_out = (val_set, cal_set)
         mean, std = datasets.channel_stats(train_set[0])
         log(
             f"{dataset.name}: {len(train_set[1])} train, {len(val_set[1])} validation, "
-            f"{len(dataset.test_labels)} test images of {dataset.size} x {dataset.channels}"
+            f"{len(cal_set[1])} calibration, {len(dataset.test_labels)} test images of "
+            f"{dataset.size} x {dataset.channels}"
         )
     config = nets.NetConfig(
         in_channels=dataset.channels,
@@ -305,9 +392,16 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
 
 
 def validation_split(args: argparse.Namespace, count: int):
+    """(training, validation, calibration) indices of the training images."""
     from models import data as datasets
 
-    return datasets.validation_indices(count, args.val_split, args.seed)
+    return datasets.held_out_indices(count, args.val_split, args.calibration_split, args.seed)
+
+
+def held_out(args: argparse.Namespace, images, labels):
+    """((images, labels) to train on, for validation, for calibration)."""
+    train, val, cal = validation_split(args, len(labels))
+    return (images[train], labels[train]), (images[val], labels[val]), (images[cal], labels[cal])
 
 
 def build_transfer(state: BuildState) -> Path:
@@ -319,8 +413,7 @@ def build_transfer(state: BuildState) -> Path:
 
     args = state.args
     spec = pretrained_spec(args.pretrained).input_spec()
-    if args.crop_fraction:
-        spec = spec.model_copy(update={"crop_fraction": args.crop_fraction})
+    spec = spec.model_copy(update={"crop_fraction": args.crop_fraction or 1.0})
     args.epochs, args.lr = args.tune_epochs, args.tune_lr  # what a QAT fallback starts from
     state.network = {"backbone": args.pretrained, "tune_last": args.tune_last}
     config = finetune.FineTuneConfig(
@@ -349,12 +442,13 @@ def build_transfer(state: BuildState) -> Path:
             )
             if args.limit:
                 dataset = datasets.limit(dataset, args.limit, args.seed)
-            train_index, val_index = validation_split(args, len(dataset.train_labels))
+            train_index, val_index, cal_index = validation_split(args, len(dataset.train_labels))
         except datasets.DatasetError as exc:
             raise BuildError(str(exc)) from exc
         images, labels = dataset.train_images, dataset.train_labels
         train_set = (images[train_index], labels[train_index])
         val_set = (images[val_index], labels[val_index])
+        state.held_out = (val_set, (images[cal_index], labels[cal_index]))
         assert dataset.train_sources is not None  # a folder dataset lists its files
         sources = [dataset.train_sources[i] for i in train_index]
         contexts = finetune.context_images(sources, spec) if args.views > 1 else images
@@ -411,7 +505,7 @@ def teacher_for(args, dataset, config, fit, val_set, mean, std):
             f"not on this folder's {dataset.labels}"
         )
     logits = torch.from_numpy(finetune.teacher_logits(model, dataset.train_sources))
-    train_index, val_index = validation_split(args, len(dataset.train_labels))
+    train_index, val_index, _ = validation_split(args, len(dataset.train_labels))
     val_logits = logits[val_index]
     accuracy = (val_logits.argmax(1).numpy() == val_set[1]).mean()
     return logits[train_index], nets.parameter_count(model), round(float(accuracy), 6)

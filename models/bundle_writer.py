@@ -145,6 +145,10 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
         failures = evaluation.gate_failures(
             accuracy, max_int8_drop=args.max_int8_drop, min_accuracy=args.min_accuracy
         )
+    score_calibration = None
+    if state.held_out is not None:
+        with state.stage("calibrate scores"):
+            score_calibration = calibrate_scores(state, directory, spec, logits, dataset)
     with state.stage("speed"):
         bundle = load_bundle(directory)  # the provisional manifest of the last evaluation
         engines = {v: Engine(bundle, device="cpu", variant=v, threads=1) for v in variants}
@@ -168,6 +172,7 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
             for v in variants
         },
     )
+    manifest.calibration = score_calibration
     manifest.provenance["parity_max_abs_logit_diff"] = parity
     manifest.provenance["quantization"] = quantization
     manifest.provenance["gate"] = {
@@ -183,6 +188,56 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
         report.write_report(directory, manifest, state, dataset, logits)
     (directory / MANIFEST_FILE).write_text(manifest.dump())  # with the report's timings
     return manifest, failures
+
+
+def served_variant(variants) -> str:
+    """The variant the service answers with on a CPU by default."""
+    return "int8" if "int8" in variants else "fp32"
+
+
+def calibrate_scores(state: BuildState, directory: Path, spec: InputSpec, logits, dataset):
+    """The manifest's `calibration`, fitted on the served variant's outputs: the temperature
+    on the validation split, the conformal thresholds on the calibration split, the figures
+    on the test split. None when there is no calibration split; levels it is too small for
+    are left out, or refused when asked for by name."""
+    from models import calibration as calib
+
+    assert state.held_out is not None  # the caller checked
+    (val_images, val_labels), (cal_images, cal_labels) = state.held_out
+    levels = calib.supported_levels(state.coverage, len(cal_labels))
+    if len(levels) < len(state.coverage):
+        missing = sorted(set(state.coverage) - set(levels))
+        needed = calib.images_needed(missing[-1])
+        message = (
+            f"too few images for the calibration split: coverage {missing[-1]} needs at least "
+            f"{needed}, the split holds {len(cal_labels)} (raise --calibration-split or add "
+            "images)"
+        )
+        if getattr(state.args, "coverage_given", False):
+            raise BuildError(message)
+        if len(cal_labels):
+            log(f"{message}; left out")
+            state.notes.append(message + "; left out")
+    if not levels:
+        return None
+    bundle = load_bundle(directory)
+    variant = served_variant(bundle.manifest.variants)
+    fit = (evaluation.predict(bundle, variant, normalised(val_images, spec)), val_labels)
+    conformal = (evaluation.predict(bundle, variant, normalised(cal_images, spec)), cal_labels)
+    result = calib.calibrate(
+        fit,
+        conformal,
+        (logits[variant], dataset.test_labels),
+        levels,
+        split=f"temperature: validation split ({len(val_labels)} images); thresholds: "
+        f"calibration split ({len(cal_labels)} images); {variant} outputs",
+    )
+    log(
+        f"calibration: temperature {result.temperature:.3f}, ECE {result.ece_before:.4f} -> "
+        f"{result.ece_after:.4f}; coverage on test "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in result.coverage.items())
+    )
+    return result
 
 
 def save_checkpoint(model, path: Path) -> None:
@@ -336,15 +391,20 @@ def make_manifest(state, dataset, spec, directory, variants, name, version, metr
             "epochs": args.epochs,
             "argv": state.argv,
             "network": state.network,
-            "training": state.training
-            or {
-                "batch_size": args.batch_size,
-                "optimizer": args.optimizer,
-                "lr": args.lr,
-                "erase": args.erase,
+            "training": (
+                state.training
+                or {
+                    "batch_size": args.batch_size,
+                    "optimizer": args.optimizer,
+                    "lr": args.lr,
+                    "erase": args.erase,
+                }
+            )
+            | {
+                "precision": state.training_precision,
                 "val_split": args.val_split,
-            }
-            | {"precision": state.training_precision},
+                "calibration_split": args.calibration_split,
+            },
             "libraries": library_versions(),
             "stages_seconds": {s.name: round(s.seconds, 2) for s in state.stages},
             "compression": state.compression,

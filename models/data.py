@@ -48,7 +48,13 @@ CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_FILES = [*CIFAR_TRAIN, "test_batch", "batches.meta"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16"}
-FOLDER_MAX_SIDE = 64  # a folder of photos is shrunk to this unless --image-size says otherwise
+# A folder is served at its images' own resolution, shrunk only where the shorter side exceeds
+# this: detail that decides a label (a scratch, a small defect) must survive preprocessing, and
+# past this size training time grows faster than what a small CNN or a backbone resolves.
+FOLDER_MAX_SHORT_SIDE = 320
+# Images whose channels differ by at most this much everywhere are grey content saved as RGB
+# (JPEG encoders and screenshot tools often do): they are decoded as one channel.
+GREY_TOLERANCE = 2
 
 
 class DatasetError(Exception):
@@ -72,6 +78,8 @@ class Dataset:
     # decodes them again at its own size) and the files skipped as unreadable.
     train_sources: list[Path] | None = None
     skipped: list[str] = field(default_factory=list)
+    # Folder datasets: how the input size and colour were chosen, for the report
+    input_note: str = ""
 
     @property
     def channels(self) -> int:
@@ -346,12 +354,18 @@ def load_folder(
     files = list_folder(root)
     headers = {path: open_image(path) for paths in files.values() for path in paths}
     skipped = [path for path, header in headers.items() if header is None]
+    readable_paths = [p for p, header in headers.items() if header is not None]
+    note = ""
     if spec is None:
         readable = [header for header in headers.values() if header is not None]
         grey = bool(readable) and all(mode in GREY_MODES for mode, _ in readable)
-        height, width = folder_size([size for _, size in readable], image_size)
+        (height, width), note = folder_size([size for _, size in readable], image_size)
         spec = pixel_spec("L" if grey else "RGB", height, width)
-    pixels = decode_files([p for p, header in headers.items() if header is not None], spec)
+    pixels = decode_files(readable_paths, spec)
+    if spec.color == "RGB" and grey_content(pixels):
+        spec = spec.model_copy(update={"color": "L", "channels": 1, "mean": [0.0], "std": [1.0]})
+        pixels = decode_files(readable_paths, spec)
+        note += "; colour: grey (every image's channels are equal), served as one channel"
     skipped += [path for path, image in pixels.items() if image is None]
     files = readable_files(root, files, skipped)
     labels = sorted(files)
@@ -374,7 +388,22 @@ def load_folder(
         test_encoded=[path.read_bytes() for path, _ in test_paths],
         train_sources=[path for path, _ in train_paths],
         skipped=sorted(str(path.relative_to(root)) for path in skipped),
+        input_note=note,
     )
+
+
+def grey_content(pixels: dict[Path, np.ndarray | None]) -> bool:
+    """Whether every decoded RGB image is grey: its three channels (nearly) equal."""
+    images = [image for image in pixels.values() if image is not None]
+    if not images:
+        return False
+    for image in images:
+        wide = image.astype(np.int16)
+        if np.abs(wide[..., 0] - wide[..., 1]).max() > GREY_TOLERANCE:
+            return False
+        if np.abs(wide[..., 1] - wide[..., 2]).max() > GREY_TOLERANCE:
+            return False
+    return True
 
 
 def list_folder(root: Path) -> dict[str, list[Path]]:
@@ -424,15 +453,25 @@ def open_image(path: Path) -> tuple[str, tuple[int, int]] | None:
         return None
 
 
-def folder_size(sizes: list[tuple[int, int]], image_size: int | None) -> tuple[int, int]:
-    """(height, width): `image_size` square, else the most common size shrunk to fit 64."""
+def folder_size(
+    sizes: list[tuple[int, int]], image_size: int | None
+) -> tuple[tuple[int, int], str]:
+    """((height, width), why): `image_size` square, else the most common size, its shorter
+    side shrunk to FOLDER_MAX_SHORT_SIDE when larger (never enlarged)."""
     if image_size:
-        return image_size, image_size
+        return (image_size, image_size), f"input {image_size}x{image_size}: --image-size"
     if not sizes:
-        return FOLDER_MAX_SIDE, FOLDER_MAX_SIDE
-    (width, height), _ = Counter(sizes).most_common(1)[0]
-    scale = min(1.0, FOLDER_MAX_SIDE / max(width, height))
-    return max(1, round(height * scale)), max(1, round(width * scale))
+        side = FOLDER_MAX_SHORT_SIDE
+        return (side, side), f"input {side}x{side}: no readable image to measure"
+    (width, height), count = Counter(sizes).most_common(1)[0]
+    scale = min(1.0, FOLDER_MAX_SHORT_SIDE / min(width, height))
+    size = max(1, round(height * scale)), max(1, round(width * scale))
+    why = f"the most common image size, {width}x{height} ({count} of {len(sizes)} images)"
+    if scale < 1:
+        why += f", shorter side capped at {FOLDER_MAX_SHORT_SIDE}"
+    else:
+        why += ", at full resolution"
+    return size, f"input {size[1]}x{size[0]}: {why}"
 
 
 def split_per_class(
@@ -520,11 +559,33 @@ def split_validation(
 
 def validation_indices(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, validation indices) of `count` items, a seeded random split."""
-    if not 0 < fraction < 1:
-        raise DatasetError(f"--val-split must be between 0 and 1, not {fraction}")
+    train, val, _ = held_out_indices(count, fraction, 0.0, seed)
+    return train, val
+
+
+def held_out_indices(
+    count: int, val_fraction: float, calibration_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(training, validation, calibration) indices of `count` items, one seeded permutation:
+    validation picks epochs and candidates and fits the temperature, calibration only sets
+    the conformal thresholds; neither is trained on. `calibration_fraction` 0: none."""
+    if not 0 < val_fraction < 1:
+        raise DatasetError(f"--val-split must be between 0 and 1, not {val_fraction}")
+    if not 0 <= calibration_fraction < 1 or val_fraction + calibration_fraction >= 1:
+        raise DatasetError(
+            f"--calibration-split must be in [0, 1) and leave training images beside "
+            f"--val-split {val_fraction}, not {calibration_fraction}"
+        )
     order = np.random.default_rng(seed + 1).permutation(count)
-    n_val = max(1, round(count * fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    n_val = max(1, round(count * val_fraction))
+    n_cal = round(count * calibration_fraction)
+    if count - n_val - n_cal < 1:
+        raise DatasetError(f"{count} training images leave none to train on after the splits")
+    return (
+        np.sort(order[n_val + n_cal :]),
+        np.sort(order[:n_val]),
+        np.sort(order[n_val : n_val + n_cal]),
+    )
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

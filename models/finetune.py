@@ -28,6 +28,7 @@ from app.bundle import InputSpec
 from models import train as training
 from models.augment import ViewConfig, random_view
 from models.features import FrozenFeatures, cache_views
+from models.net import AvgMaxPool
 from models.pipeline import log, progress, quiet_stdout
 
 CHECKPOINT_KIND = "transfer"
@@ -76,9 +77,16 @@ class InvertedResidual(nn.Module):
 
 
 class TransferNet(nn.Module):
-    """An EfficientNet-Lite backbone split into a frozen and a tuned part, and a new head."""
+    """An EfficientNet-Lite backbone split into a frozen and a tuned part, and a new head.
 
-    def __init__(self, backbone_name: str, labels: list[str], tune_last: int) -> None:
+    `tune_last` = every layer (`layer_count`) trains the whole network. `pool` "avgmax" feeds
+    the head the global maximum of the features beside their average, so a small local detail
+    is not averaged away over a large frame.
+    """
+
+    def __init__(
+        self, backbone_name: str, labels: list[str], tune_last: int, pool: str = "avg"
+    ) -> None:
         super().__init__()
         from models.pretrained import load_backbone
 
@@ -89,18 +97,47 @@ class TransferNet(nn.Module):
             *(InvertedResidual(block) for block in backbone._blocks),
             nn.Sequential(backbone._conv_head, backbone._bn1, nn.ReLU6()),
         ]
-        if not 0 <= tune_last < len(layers):
-            raise ValueError(f"tune_last must be in [0, {len(layers) - 1}], not {tune_last}")
+        if not 0 <= tune_last <= len(layers):
+            raise ValueError(f"tune_last must be in [0, {len(layers)}], not {tune_last}")
         split = len(layers) - tune_last
         self.backbone_name, self.labels, self.tune_last = backbone_name, list(labels), tune_last
+        self.pool = pool
         self.frozen = nn.Sequential(*layers[:split])
-        self.tuned = nn.Sequential(*layers[split:], nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(backbone._fc.in_features, len(labels))
+        pooling: list[nn.Module] = (
+            [AvgMaxPool()] if pool == "avgmax" else [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        )
+        self.tuned = nn.Sequential(*layers[split:], *pooling)
+        features = backbone._fc.in_features * (2 if pool == "avgmax" else 1)
+        self.classifier = nn.Linear(features, len(labels))
         for parameter in self.frozen.parameters():
             parameter.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.tuned(self.frozen(x)))
+
+    def lr_groups(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
+        """Discriminative learning rates: the head at `lr`, the tuned layers from `lr` at the
+        top down to a tenth of it at the first one (early layers hold the most general
+        features and need the least change)."""
+        layers = [m for m in self.tuned if any(True for _ in m.parameters())]
+        groups = [(list(self.classifier.parameters()), lr)]
+        for depth, layer in enumerate(reversed(layers)):
+            factor = EARLY_LAYER_LR ** (depth / max(1, len(layers) - 1))
+            groups.append((list(layer.parameters()), lr * factor))
+        return groups
+
+
+# The first tuned layer's learning rate, as a fraction of the head's
+EARLY_LAYER_LR = 0.1
+
+
+def layer_count(backbone_name: str) -> int:
+    """How many layers `tune_last` can count: the stem, every MBConv block, the head conv."""
+    from models.pretrained import load_backbone
+
+    with quiet_stdout():
+        backbone = load_backbone(backbone_name)
+    return len(backbone._blocks) + 2
 
 
 def save_checkpoint(model: TransferNet, path) -> None:
@@ -110,6 +147,7 @@ def save_checkpoint(model: TransferNet, path) -> None:
             "backbone": model.backbone_name,
             "labels": model.labels,
             "tune_last": model.tune_last,
+            "pool": model.pool,
             "state_dict": model.state_dict(),
         },
         path,
@@ -117,7 +155,12 @@ def save_checkpoint(model: TransferNet, path) -> None:
 
 
 def load_checkpoint(checkpoint: dict) -> TransferNet:
-    model = TransferNet(checkpoint["backbone"], checkpoint["labels"], checkpoint["tune_last"])
+    model = TransferNet(
+        checkpoint["backbone"],
+        checkpoint["labels"],
+        checkpoint["tune_last"],
+        checkpoint.get("pool", "avg"),
+    )
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 

@@ -126,6 +126,13 @@ def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directo
                 for key, images in checked.images.items()
             }
     measure(args, source, checked, outputs, checks, output.kind == "probabilities")
+    calibration = None
+    if checked.eval_classes is not None:
+        with state.stage("calibrate scores"):
+            served = "int8" if "int8" in variants else "fp32"
+            calibration = calibrate_on_eval(
+                state, outputs[served]["eval"], checked.eval_classes, output.kind, served
+            )
     with state.stage("speed"):
         from app.engine import Engine
 
@@ -145,6 +152,7 @@ def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directo
         for v in variants
     }
     manifest = make_manifest(state, source, spec, output, directory, variants, metrics)
+    manifest.calibration = calibration
     manifest.provenance.update(
         batch=batch_notes,
         quantization=quantization,
@@ -425,6 +433,40 @@ def measure(
                     f"int8 top-1 agrees with fp32 on {agreement:.2%} of the images; "
                     f"--min-int8-agreement is {floor:.2%}"
                 )
+
+
+def calibrate_on_eval(state, outputs: np.ndarray, classes: np.ndarray, kind: str, served: str):
+    """The manifest's `calibration` from the --eval images, split per class (seeded): a
+    quarter fits the temperature, a quarter the conformal thresholds, the rest measures."""
+    from models import calibration as calib
+    from models.build import parse_coverage
+
+    args = state.args
+    levels = parse_coverage(args.coverage) if args.coverage else calib.DEFAULT_COVERAGE
+    fit, conformal, test = calib.stratified_parts(classes, (0.25, 0.25), args.seed)
+    supported = calib.supported_levels(levels, len(conformal))
+    if len(supported) < len(levels):
+        missing = max(set(levels) - set(supported))
+        message = (
+            f"too few --eval images for the calibration split: coverage {missing} needs at "
+            f"least {calib.images_needed(missing)} in its quarter, it holds {len(conformal)}"
+        )
+        if args.coverage:
+            raise BuildError(message)
+        state.notes.append(message + "; left out")
+    if not supported:
+        return None
+    result = calib.calibrate(
+        (outputs[fit], classes[fit]),
+        (outputs[conformal], classes[conformal]),
+        (outputs[test], classes[test]),
+        supported,
+        split=f"--eval images, {served} outputs: temperature on {len(fit)}, thresholds on "
+        f"{len(conformal)}, figures on {len(test)}",
+        probabilities=kind == "probabilities",
+    )
+    log(f"calibration: temperature {result.temperature:.3f}, coverage {result.coverage}")
+    return result
 
 
 def top_probability(outputs: np.ndarray, probabilities: bool) -> np.ndarray:

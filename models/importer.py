@@ -81,7 +81,19 @@ def parser() -> argparse.ArgumentParser:
         "every 224x224 image would not fit in memory)",
     )
     v.add_argument("--no-fp16", action="store_true", help="skip the fp16 (GPU) variant")
-    v.add_argument("--eval", type=Path, metavar="DIR", help="class-per-folder labelled images")
+    v.add_argument(
+        "--eval",
+        type=Path,
+        metavar="DIR",
+        help="class-per-folder labelled images: accuracy on all of them; per class, a quarter "
+        "fits the temperature, a quarter the prediction sets' thresholds, and the other half "
+        "measures their coverage",
+    )
+    v.add_argument(
+        "--coverage",
+        help="with --eval: coverage levels of the prediction sets, comma-separated "
+        "(default 0.9,0.95,0.99: those the eval images can support)",
+    )
     v.add_argument("--max-int8-drop", type=float, default=0.3, help="in accuracy points")
     v.add_argument("--min-accuracy", type=float, default=0.0, help="a fraction, e.g. 0.9")
     v.add_argument(

@@ -55,6 +55,12 @@ class BuildState:
     compression: dict[str, dict] = field(default_factory=dict)
     network: dict[str, object] = field(default_factory=dict)  # what was trained, for provenance
     training: dict[str, object] = field(default_factory=dict)  # settings beyond the common ones
+    # held-out (images, labels) at the model's input: validation (the temperature is fitted
+    # on it) and calibration (the conformal thresholds); None where the build has neither
+    held_out: tuple | None = None
+    coverage: tuple[float, ...] = ()  # the prediction sets' levels asked for
+    candidates: list[dict] = field(default_factory=list)  # a folder build's table, as tried
+    input_note: str = ""  # how the input size and colour were chosen
 
     @contextlib.contextmanager
     def stage(self, name: str):

@@ -19,7 +19,10 @@ PLOTS = {
     "curves": "training_curves.png",
     "confusion": "confusion_matrix.png",
     "tradeoff": "accuracy_vs_cost.png",
+    "reliability": "reliability.png",
+    "misclassified": "misclassified.png",
 }
+CONTACT_SHEET_MAX = 48  # misclassified test images shown, at most
 
 
 def write_report(
@@ -38,6 +41,12 @@ def write_report(
         directory / PLOTS["confusion"],
     )
     plot_tradeoff(manifest, directory / PLOTS["tradeoff"])
+    predicted = logits[served].argmax(1)
+    wrong = np.flatnonzero(predicted != dataset.test_labels)
+    if len(wrong):
+        contact_sheet(dataset, wrong, predicted, directory / PLOTS["misclassified"])
+    if manifest.calibration is not None:
+        plot_reliability(manifest, logits[served], dataset.test_labels, directory)
     manifest.provenance["stages_seconds"] = {s.name: round(s.seconds, 2) for s in state.stages}
     (directory / "report.md").write_text(markdown(manifest, state, dataset, served))
 
@@ -109,6 +118,53 @@ def plot_tradeoff(manifest: Manifest, path: Path) -> None:
     save(figure, path)
 
 
+def plot_reliability(
+    manifest: Manifest, outputs: np.ndarray, labels: np.ndarray, directory: Path
+) -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    from models.calibration import reliability, served_scores
+
+    assert manifest.calibration is not None
+    probabilities = manifest.output.kind == "probabilities"
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
+    for name, temperature in (
+        ("plain softmax", 1.0),
+        ("calibrated", manifest.calibration.temperature),
+    ):
+        bins = reliability(served_scores(outputs, temperature, probabilities), labels)
+        axis.plot([b[0] for b in bins], [b[1] for b in bins], "o-", ms=4, label=name)
+    axis.set(
+        xlabel="top-1 score (mean in bin)",
+        ylabel="accuracy in bin",
+        title="Reliability on the test set",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    save(figure, directory / PLOTS["reliability"])
+
+
+def contact_sheet(dataset: Dataset, wrong: np.ndarray, predicted: np.ndarray, path: Path) -> None:
+    """The misclassified test images with their true and predicted classes."""
+    shown = wrong[:CONTACT_SHEET_MAX]
+    columns = min(6, len(shown))
+    rows = -(-len(shown) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, shown, strict=False):
+        image = dataset.test_images[index]
+        axis.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
+        axis.set_title(
+            f"#{index} true: {dataset.labels[dataset.test_labels[index]]}\n"
+            f"predicted: {dataset.labels[predicted[index]]}",
+            fontsize=7,
+        )
+    save(figure, path)
+
+
 def save(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -132,7 +188,9 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         f"`{provenance['dataset']['sha256'][:16]}...`).",
         f"Network: {provenance.get('params', '?')} parameters, {network_line(state)} in "
         f"{provenance['training']['precision']}, seed {state.args.seed}.",
+        *([f"Input: {state.input_note}."] if state.input_note else []),
         *skipped_lines(provenance["dataset"]),
+        *[f"Note: {note}." for note in state.notes],
         "",
         f"Accuracy gate: **{'passed' if gate.get('passed') else 'FAILED'}** "
         f"(int8 at most {gate.get('max_int8_drop_points')} points below fp32; every variant at "
@@ -183,6 +241,16 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         "",
         *confusion_table(all_metrics[served]["confusion_matrix"], manifest.labels),
     ]
+    matrix = np.asarray(all_metrics[served]["confusion_matrix"])
+    if matrix.sum() > np.trace(matrix):
+        lines += [
+            "",
+            f"Misclassified test images (at most {CONTACT_SHEET_MAX}):",
+            "",
+            f"![misclassified]({PLOTS['misclassified']})",
+        ]
+    lines += calibration_lines(manifest)
+    lines += candidate_lines(state)
     lines += ["", "## Training", "", f"![training curves]({PLOTS['curves']})", ""]
     for name, history in state.histories.items():
         last = history[-1]
@@ -208,8 +276,83 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
     return "\n".join(lines) + "\n"
 
 
+def calibration_lines(manifest: Manifest) -> list[str]:
+    calibration = manifest.calibration
+    if calibration is None:
+        return [
+            "",
+            "## Calibration",
+            "",
+            "None: the build held out no calibration split, so scores are the plain softmax "
+            "and the service answers no prediction sets.",
+        ]
+    lines = [
+        "",
+        "## Calibration and prediction sets",
+        "",
+        f"Temperature **{calibration.temperature:.4f}** ({calibration.split}). Expected "
+        f"calibration error on the test set: {calibration.ece_before:.4f} with the plain "
+        f"softmax, {calibration.ece_after:.4f} calibrated.",
+        "",
+        f"![reliability]({PLOTS['reliability']})",
+        "",
+        "Prediction sets (`POST /classify?coverage=LEVEL`): every label whose calibrated score "
+        "reaches the threshold. On the test set:",
+        "",
+        "| coverage asked | score threshold | measured coverage | mean set size |",
+        "|---:|---:|---:|---:|",
+    ]
+    for level, threshold in calibration.thresholds.items():
+        lines.append(
+            f"| {float(level):.0%} | {threshold:.4f} | {calibration.coverage[level]:.2%} "
+            f"| {calibration.mean_set_size[level]:.3f} |"
+        )
+    return lines
+
+
+def candidate_lines(state: BuildState) -> list[str]:
+    if not state.candidates:
+        return []
+    lines = [
+        "",
+        "## Candidates",
+        "",
+        f"Tried within a budget of {state.args.budget:g} min, chosen on validation macro-F1 "
+        "(then accuracy; ties go to the cheaper, tried first). Test figures are fp32 in torch, "
+        "shown for comparison, never used to choose; cost: fp32 ONNX Runtime, batch 1, one "
+        "thread.",
+        "",
+        "| candidate | input | params | epochs | train s | val macro-F1 | val accuracy "
+        "| test accuracy | test macro-F1 | fp32 ms/image | |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in state.candidates:
+        if row["skipped"]:
+            lines.append(f"| {row['name']} | {row['input']} | | | | | | | | | {row['skipped']} |")
+            continue
+        lines.append(
+            f"| {row['name']} | {row['input']} | {row['params']} | {row['epochs']} "
+            f"| {row['train_seconds']:.0f} | {row['val_macro_f1']:.4f} "
+            f"| {row['val_accuracy']:.4f} | {row.get('test_accuracy', 0):.4f} "
+            f"| {row.get('test_macro_f1', 0):.4f} | {row.get('fp32_batch1_ms', 0):.2f} "
+            f"| {'**chosen**' if row['chosen'] else ''} |"
+        )
+    return lines
+
+
 def network_line(state: BuildState) -> str:
     network, args = state.network, state.args
+    if "candidate" in network:
+        if network["candidate"] == "scratch":
+            return (
+                f"the from-scratch CNN (width {network['width']}, depth {network['depth']}, "
+                f"stem stride {network['stem_stride']}, {network['head']} head) trained for "
+                f"{args.epochs} epochs,"
+            )
+        return (
+            f"{network['backbone']} (ImageNet-pretrained) fine-tuned whole, "
+            f"{network['pool']} pooling, for {args.epochs} epochs,"
+        )
     if "backbone" in network:
         tuned = f"its last {network['tune_last']} layer(s)" if network["tune_last"] else "no layer"
         return (

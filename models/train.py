@@ -35,8 +35,17 @@ class TrainConfig:
     weight_decay: float = 5e-2
     label_smoothing: float = 0.1
     pad: int = 2  # random crop: pad each side, then crop back to the input size
+    pad_mode: str = "constant"  # or "reflect": a shifted image shows no black border
     flip: bool = True
+    vflip: bool = False  # vertical flips too
+    rot90: bool = False  # quarter turns (square inputs), for data with no up or down
+    brightness: float = 0.0  # each image's pixels scaled by a factor in [1 - x, 1 + x]
+    contrast: float = 0.0  # its deviations from its mean scaled by a factor in [1 - x, 1 + x]
+    noise: float = 0.0  # Gaussian pixel noise, standard deviation in 0..255 units
     erase_p: float = 0.0  # random erasing: chance per image of blanking one rectangle
+    balanced: bool = False  # sample each class equally often, whatever its share of images
+    ema_epochs: float = 0.0  # time constant of an average of the weights, in epochs; 0: off
+    patience: int = 0  # stop after this many epochs without a better validation score; 0: off
     seed: int = 0
     warmup: float = 0.25  # fraction of steps spent rising to the peak learning rate
     distill_alpha: float = 0.5  # weight of the teacher's soft targets when distilling
@@ -54,6 +63,7 @@ class EpochLog:
     val_accuracy: float
     lr: float
     seconds: float
+    val_macro_f1: float = 0.0
 
 
 def setup_torch(seed: int, threads: int | None = None) -> None:
@@ -116,19 +126,32 @@ def to_nchw(images: np.ndarray, dev: torch.device) -> torch.Tensor:
 
 
 class Augment:
-    """Random crop with zero padding, horizontal flip and random erasing on a uint8 batch."""
+    """Label-preserving changes to a uint8 NCHW batch: a random shift (zero or reflected
+    padding), flips, quarter turns, brightness and contrast, pixel noise, random erasing.
+
+    Each is off unless configured; none of them removes a part of the frame, so a small detail
+    that decides a label is still in every augmented image (random erasing aside, an option
+    for centred objects).
+    """
 
     def __init__(self, config: TrainConfig, generator: torch.Generator) -> None:
+        self.config = config
         self.pad, self.flip, self.erase_p = config.pad, config.flip, config.erase_p
         self.generator = generator
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         self.device = batch.device
+        config = self.config
         if self.pad:
             batch = self.crop(batch)
         if self.flip:
-            flip = self.rand(len(batch)) < 0.5
-            batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(3), batch)
+            batch = self.flipped(batch, 3)
+        if config.vflip:
+            batch = self.flipped(batch, 2)
+        if config.rot90 and batch.shape[2] == batch.shape[3]:
+            batch = self.turned(batch)
+        if config.brightness or config.contrast or config.noise:
+            batch = self.photometric(batch)
         if self.erase_p:
             batch = self.erase(batch)
         return batch
@@ -136,10 +159,41 @@ class Augment:
     def rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator).to(self.device)
 
+    def flipped(self, batch: torch.Tensor, axis: int) -> torch.Tensor:
+        flip = self.rand(len(batch)) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), batch.flip(axis), batch)
+
+    def turned(self, batch: torch.Tensor) -> torch.Tensor:
+        turns = (self.rand(len(batch)) * 4).long()
+        out = batch.clone()
+        for k in range(1, 4):
+            chosen = turns == k
+            if chosen.any():
+                out[chosen] = torch.rot90(batch[chosen], k, (2, 3))
+        return out
+
+    def photometric(self, batch: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast and noise in float, rounded back to the pixels' 0..255."""
+        config, n = self.config, len(batch)
+        pixels = batch.float()
+        if config.brightness:
+            pixels = pixels * (1 + config.brightness * (2 * self.rand(n) - 1)).view(-1, 1, 1, 1)
+        if config.contrast:
+            mean = pixels.mean((1, 2, 3), keepdim=True)
+            factor = (1 + config.contrast * (2 * self.rand(n) - 1)).view(-1, 1, 1, 1)
+            pixels = (pixels - mean) * factor + mean
+        if config.noise:
+            noise = torch.randn(pixels.shape, generator=self.generator).to(self.device)
+            pixels = pixels + config.noise * noise
+        return pixels.round_().clamp_(0, 255).to(batch.dtype)
+
     def crop(self, batch: torch.Tensor) -> torch.Tensor:
         n, _, h, w = batch.shape
         p = self.pad
-        padded = F.pad(batch, (p, p, p, p))
+        if self.config.pad_mode == "reflect":  # reflection is defined on floats only
+            padded = F.pad(batch.float(), (p, p, p, p), mode="reflect").to(batch.dtype)
+        else:
+            padded = F.pad(batch, (p, p, p, p))
         dy = (self.rand(n) * (2 * p + 1)).long()
         dx = (self.rand(n) * (2 * p + 1)).long()
         rows = (dy.view(-1, 1) + torch.arange(h, device=batch.device)).view(n, 1, h, 1)
@@ -171,7 +225,7 @@ class Augment:
 def one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=config.lr,
+        max_lr=[group["lr"] for group in optimizer.param_groups],  # each group's own peak
         total_steps=steps,
         pct_start=config.warmup,
         div_factor=10.0,
@@ -182,13 +236,20 @@ def one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or Nesterov SGD; no weight decay on BN and bias parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW or Nesterov SGD; no weight decay on BN and bias parameters. A model with an
+    `lr_groups(lr)` method ([(parameters, peak lr)]) sets a peak per group."""
+    lr_groups = getattr(model, "lr_groups", None)
+    parts = lr_groups(config.lr) if lr_groups else [(list(model.parameters()), config.lr)]
+    groups = []
+    for parameters, lr in parts:
+        trained = [p for p in parameters if p.requires_grad]
+        decay = [p for p in trained if p.ndim > 1]
+        no_decay = [p for p in trained if p.ndim <= 1]
+        groups += [
+            {"params": decay, "weight_decay": config.weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
+    groups = [group for group in groups if group["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99))
@@ -210,25 +271,80 @@ def distill_loss(
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int = 250
+) -> torch.Tensor:
+    """float32 logits of uint8 NCHW images, in eval mode."""
+    model.eval()
+    out = [
+        model(
+            normalize(images[start : start + batch_size]).contiguous(
+                memory_format=torch.channels_last
+            )
+        ).float()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     normalize: Normalize,
-    batch_size: int = 1000,
+    batch_size: int = 250,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) over uint8 NCHW images."""
-    model.eval()
-    loss, correct = 0.0, 0
-    for start in range(0, len(labels), batch_size):
-        x = normalize(images[start : start + batch_size]).contiguous(
-            memory_format=torch.channels_last
-        )
-        y = labels[start : start + batch_size]
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return loss / max(1, len(labels)), correct / max(1, len(labels))
+    logits = predict_logits(model, images, normalize, batch_size)
+    if not len(labels):
+        return 0.0, 0.0
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def selection_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(macro-F1, accuracy) on validation: what picks the epoch and the candidate kept. With
+    imbalanced classes, accuracy alone favours the largest class."""
+    from models.evaluate import score
+
+    scores = score(labels.numpy(), logits.argmax(1).numpy(), logits.shape[1])
+    return float(np.mean(scores.f1)), scores.accuracy
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
+        for average, current in pairs:
+            if average.is_floating_point():
+                average.mul_(self.decay).add_(current.detach(), alpha=1 - self.decay)
+            else:
+                average.copy_(current)
+
+
+def sample_order(labels: torch.Tensor, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+    """An epoch's order of training indices: a permutation, or, balanced, as many draws with
+    replacement in which each class is equally likely."""
+    if not balanced:
+        return torch.randperm(len(labels), generator=generator)
+    counts = torch.bincount(labels).float()
+    weights = (1.0 / counts.clamp_min(1))[labels]
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+
+
+def epochs_within(budget_s: float | None, epochs: int, seconds_per_epoch: float) -> int:
+    """How many of `epochs` fit in `budget_s` at `seconds_per_epoch` (at least 1)."""
+    if budget_s is None or seconds_per_epoch <= 0:
+        return epochs
+    return max(1, min(epochs, int(budget_s // seconds_per_epoch)))
 
 
 def train(
@@ -246,7 +362,9 @@ def train(
     """Train in place; return the model holding the best validation weights, and the log.
 
     `teacher`: a network run on the same batches, or its logits for each training image
-    already computed (a teacher with its own input size and preprocessing).
+    already computed (a teacher with its own input size and preprocessing). A model with an
+    `lr_groups(lr)` method gets its own learning rate per parameter group (a pretrained
+    backbone's early layers learn slower than its head).
     """
     dev = device()
     model.to(dev).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
@@ -261,16 +379,20 @@ def train(
     augment = Augment(config, generator)
     steps_per_epoch = max(1, len(labels) // config.batch_size)  # drop the ragged last batch
     optimizer = make_optimizer(model, config)
-    schedule = one_cycle(optimizer, config, config.epochs * steps_per_epoch)
     amp_dtype = autocast_dtype(config.precision, dev)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    best_state, best_accuracy, history = None, -1.0, []
-    for epoch in range(1, config.epochs + 1):
+    epochs = config.epochs
+    schedule = one_cycle(optimizer, config, epochs * steps_per_epoch)
+    average = None
+    if config.ema_epochs > 0:
+        average = WeightAverage(model, 1 - 1 / max(1.0, config.ema_epochs * steps_per_epoch))
+    best_state, best_score, best_epoch, history = None, (-1.0, -1.0), 0, []
+    for epoch in range(1, epochs + 1):
         model.train()
         started = time.perf_counter()
-        order = torch.randperm(len(labels), generator=generator).to(dev)
+        order = sample_order(labels.cpu(), config.balanced, generator).to(dev)
         total_loss, correct, seen = 0.0, 0, 0
-        bar = progress(steps_per_epoch, f"{desc} {epoch}/{config.epochs}", quiet=config.quiet)
+        bar = progress(steps_per_epoch, f"{desc} {epoch}/{epochs}", quiet=config.quiet)
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = normalize(augment(images[index])).contiguous(memory_format=torch.channels_last)
@@ -293,33 +415,64 @@ def train(
             schedule.step()
             if prepare_step is not None:
                 prepare_step(model)
+            if average is not None:
+                average.update(model)
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        val_loss, val_accuracy = evaluate(model, val_images, val_labels, normalize)
+        judged = model if average is None else average.model
+        val_logits = predict_logits(judged, val_images, normalize)
+        score = selection_score(val_logits.cpu(), val_labels.cpu())
         log = EpochLog(
             epoch=epoch,
             train_loss=total_loss / max(1, seen),
             train_accuracy=correct / max(1, seen),
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
+            val_loss=F.cross_entropy(val_logits, val_labels).item(),
+            val_accuracy=score[1],
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
+            val_macro_f1=score[0],
         )
         history.append(log)
         if not config.quiet:
             tqdm.write(
-                f"{desc} epoch {epoch}/{config.epochs}: loss {log.train_loss:.4f} "
-                f"acc {log.train_accuracy:.4f} | val loss {val_loss:.4f} acc {val_accuracy:.4f} "
+                f"{desc} epoch {epoch}/{epochs}: loss {log.train_loss:.4f} "
+                f"acc {log.train_accuracy:.4f} | val loss {log.val_loss:.4f} "
+                f"acc {log.val_accuracy:.4f} macro-F1 {log.val_macro_f1:.4f} "
                 f"| {log.seconds:.1f}s",
                 file=sys.stderr,  # with the build's other progress lines, unbuffered
             )
         # ">=": on ties the later epoch wins, since it has seen more of the annealed schedule
-        if val_accuracy >= best_accuracy:
-            best_accuracy, best_state = val_accuracy, copy.deepcopy(model.state_dict())
+        if score >= best_score:
+            best_score, best_epoch = score, epoch
+            best_state = copy.deepcopy(judged.state_dict())
+        elif config.patience and epoch - best_epoch >= config.patience:
+            tqdm.write(
+                f"{desc}: stopped early, no better validation score since epoch {best_epoch}",
+                file=sys.stderr,
+            )
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return model.to("cpu").to(memory_format=torch.contiguous_format), history  # type: ignore[call-overload]  # torch's stubs omit memory_format
+
+
+def step_seconds(model, images, labels, normalize, augment, config, amp_dtype) -> float:
+    """Seconds one training step takes, timed on two steps after a warm-up step, on a copy
+    (the model's weights and the optimizer's state are untouched)."""
+    probe = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
+    index = torch.arange(min(config.batch_size, len(labels)))
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        x = normalize(augment(images[index])).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(probe(x), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times[1:]))

@@ -145,6 +145,23 @@ def write_bundle(
     return directory
 
 
+def write_calibrated_bundle(
+    directory: Path, calibration: dict[str, object], model: onnx.ModelProto | None = None
+) -> Path:
+    """A tiny bundle whose manifest records `calibration` (temperature, conformal thresholds);
+    with `model`, that model, whose output is probabilities, replaces the bundle's own."""
+    write_bundle(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if model is not None:
+        onnx.save(model, directory / "model.onnx")
+        data = (directory / "model.onnx").read_bytes()
+        manifest["variants"]["fp32"].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        manifest["output"] = {"name": "probabilities", "kind": "probabilities"}
+    manifest["calibration"] = calibration
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
 def quantize_int8(source: Path, target: Path, channels: int, size: int) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 

@@ -429,6 +429,9 @@ async def test_models(api, bundle_dir):
     assert model["provider"] == "CPUExecutionProvider"
     assert model["max_batch_size"] == 4
     assert model["metrics"] == manifest.metrics
+    # no calibration in this bundle: plain softmax scores, no prediction sets (test_calibration)
+    assert model["calibration"]["calibrated"] is False
+    assert model["calibration"]["coverage_levels"] == []
 
 
 async def test_openapi_documents_every_route(api):
@@ -463,9 +466,13 @@ async def test_openapi_documents_every_route(api):
     (top_k_parameter,) = [p for p in classify["parameters"] if p["name"] == "top_k"]
     assert top_k_parameter["in"] == "query"
     assert top_k_parameter["schema"]["default"] == 5
+    (coverage,) = [p for p in classify["parameters"] if p["name"] == "coverage"]
+    assert coverage["in"] == "query" and coverage["schema"]["type"] == "number"
+    assert "prediction_set" in coverage["description"]
     responses = classify["responses"]
     ok = responses["200"]["content"]["application/json"]
     assert ok["example"]["predictions"][0].keys() == {"label", "index", "score"}
+    assert ok["example"]["prediction_set"].keys() == {"coverage", "labels", "indices", "scores"}
     assert {"X-Request-ID", "Server-Timing"} <= responses["200"]["headers"].keys()
     for status in ("400", "413", "415", "422", "503", "504"):
         assert responses[status]["description"], status
@@ -477,6 +484,8 @@ async def test_openapi_documents_every_route(api):
         assert ref in schemas, ref
     error = schemas["ErrorResponse"]
     assert error["properties"].keys() == {"error"}
+    assert "prediction_set" in schemas["ClassifyResponse"]["properties"]
+    assert schemas["PredictionSetOut"]["required"] == ["coverage", "labels", "indices", "scores"]
     detail = schemas["ErrorDetail"]
     assert detail["properties"]["code"]["examples"]
 

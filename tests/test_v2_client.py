@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from app.bundle import load_bundle
 from app.preprocess import Preprocessor
 from tests.conftest import live_server
 from tests.images import png
+from tests.onnx_models import write_calibrated_bundle
 
 MAX_BATCH = 4  # below the client batch of 8, so the server must split it
 
@@ -200,3 +202,64 @@ def test_statistics_count_requests_and_stages(client, manifest):
         assert stages[stage]["count"] == stages["success"]["count"]
         assert stages[stage]["ns"] > 0
     assert after["last_inference"] > 0
+
+
+# Sharper than the plain softmax; "0.9" is never reached by the tiny model (its top label alone),
+# "0.99" takes several labels.
+CALIBRATION = {"temperature": 0.5, "thresholds": {"0.9": 0.5, "0.95": 0.2, "0.99": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def calibrated_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    bundle = write_calibrated_bundle(tmp_path_factory.mktemp("v2cal") / "tiny" / "1", CALIBRATION)
+    with live_server(bundle, threads=1, max_batch_size=MAX_BATCH) as url:
+        yield url
+
+
+def classify_set(url: str, body: bytes, coverage: float) -> dict:
+    response = httpx.post(
+        f"{url}/classify", content=body, params={"coverage": coverage},
+        headers={"content-type": "image/png"},
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    answer: dict = response.json()["prediction_set"]
+    return answer
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_coverage_parameter_answers_prediction_sets_equal_to_classify(calibrated_server, binary):
+    client = triton.InferenceServerClient(calibrated_server.removeprefix("http://"))
+    try:
+        bodies = [png(seed) for seed in range(60, 66)]  # above MAX_BATCH: split and put back
+        outputs = [
+            triton.InferRequestedOutput("probabilities", binary_data=binary),
+            triton.InferRequestedOutput("prediction_set", binary_data=binary),
+        ]
+        for coverage in (0.9, 0.99):
+            result = client.infer(
+                "tiny", [images_input(bodies)], outputs=outputs, parameters={"coverage": coverage}
+            )
+            sets = result.as_numpy("prediction_set")
+            assert sets.shape == (len(bodies),)
+            probabilities = result.as_numpy("probabilities")
+            for body, row, encoded in zip(bodies, probabilities, sets, strict=True):
+                text = encoded.decode() if isinstance(encoded, bytes) else encoded
+                found = json.loads(text)
+                assert found == classify_set(calibrated_server, body, coverage)
+                # the set is read off the calibrated probabilities the answer carries
+                np.testing.assert_allclose(row[found["indices"]], found["scores"], rtol=1e-6)
+                if coverage == 0.9:
+                    assert found["indices"] == [int(row.argmax())]
+
+        # a level the bundle did not record is refused, as V2 errors are
+        with pytest.raises(InferenceServerException, match=r"0\.9, 0\.95, 0\.99") as error:
+            client.infer("tiny", [images_input(bodies[:1])], parameters={"coverage": 0.8})
+        assert error.value.status() == "400"
+    finally:
+        client.close()
+
+
+def test_coverage_refused_without_calibration(client, manifest):
+    with pytest.raises(InferenceServerException, match="no conformal calibration") as error:
+        client.infer(manifest.name, [images_input([png(1)])], parameters={"coverage": 0.9})
+    assert error.value.status() == "400"

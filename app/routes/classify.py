@@ -8,7 +8,9 @@ Its OpenAPI description is written by hand in app/openapi.py.
 from __future__ import annotations
 
 import functools
+import re
 import time
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -29,8 +31,8 @@ from app.errors import (
     error_body,
 )
 from app.outcomes import Outcome, serve_request
-from app.postprocess import top_k
-from app.service import ModelService
+from app.postprocess import prediction_set, top_k
+from app.service import ModelService, coverage_threshold
 
 ROUTE = "/classify"
 DEFAULT_TOP_K = 5
@@ -49,6 +51,10 @@ RAW_MEDIA_TYPES = frozenset(
 )
 RAW_CONTENT_TYPES = frozenset(t.encode() for t in RAW_MEDIA_TYPES)
 MULTIPART = "multipart/form-data"
+# A plain decimal: float() would also take "nan", "1e-1", " 0.9" and "0_9".
+DECIMAL = re.compile(r"[0-9]{0,3}(?:\.[0-9]{1,17})?")
+# What `coverage` asks for: the level and the score threshold the bundle recorded for it.
+Conformal = tuple[float, float]
 
 
 async def answer(
@@ -60,7 +66,7 @@ async def answer(
     request_id: bytes,
     started: float,
 ) -> None:
-    k = parse_top_k(scope["query_string"], service.num_classes)
+    k, conformal = parse_query(scope["query_string"], service)
     timeout_s = client_timeout_s(headers, service.settings.request_timeout_ms / 1000)
     deadline = time.monotonic() + timeout_s
     service.admission.check(1, timeout_s)  # before reading the body: a refusal costs almost nothing
@@ -69,14 +75,26 @@ async def answer(
     probe = disconnect_probe(receive)
     pending = service.submit(tensor, deadline, probe)
     (result,) = await wait_all(service.batcher, [pending], receive, probe)
-    body = orjson.dumps(
-        {
-            "model": service.model_fields,
-            "predictions": top_k(
-                result.outputs[0], k, service.labels, probabilities=service.probabilities
-            ),
-        }
-    )
+    outputs = result.outputs[0]
+    reply: dict[str, Any] = {
+        "model": service.model_fields,
+        "predictions": top_k(
+            outputs,
+            k,
+            service.labels,
+            probabilities=service.probabilities,
+            temperature=service.temperature,
+        ),
+    }
+    if conformal is not None:
+        reply["prediction_set"] = prediction_set(
+            outputs,
+            *conformal,
+            service.labels,
+            probabilities=service.probabilities,
+            temperature=service.temperature,
+        )
+    body = orjson.dumps(reply)
     timing = b"decode;dur=%.3f, queue;dur=%.3f, inference;dur=%.3f, total;dur=%.3f" % (
         decode_s * 1000,
         result.queue_s * 1000,
@@ -103,14 +121,27 @@ def overload_answer(reason: str, retry_after: int) -> tuple[bytes, Headers]:
     return exc.body(), header_list(exc.headers)
 
 
-def parse_top_k(query_string: bytes, num_classes: int) -> int:
+def parse_query(query_string: bytes, service: ModelService) -> tuple[int, Conformal | None]:
+    """`top_k` and `coverage` from one parse of the query string; none: 5 classes, no set."""
+    num_classes = service.num_classes
     if not query_string:
-        return min(DEFAULT_TOP_K, num_classes)
+        return min(DEFAULT_TOP_K, num_classes), None
     # keep_blank_values: "top_k=" is a bad value, not an absent one
-    values = parse_qs(query_string.decode("latin-1"), keep_blank_values=True).get("top_k")
-    if values is None:
-        return min(DEFAULT_TOP_K, num_classes)
-    text = values[-1]
+    query = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)
+    top_k_values = query.get("top_k")
+    if top_k_values is None:
+        k = min(DEFAULT_TOP_K, num_classes)
+    else:
+        k = parse_top_k(top_k_values[-1], num_classes)
+    coverage_values = query.get("coverage")
+    if coverage_values is None:
+        return k, None
+    # checked before the body is read: a request the model cannot answer costs nothing more
+    coverage = parse_coverage(coverage_values[-1])
+    return k, (coverage, coverage_threshold(service.calibration, coverage))
+
+
+def parse_top_k(text: str, num_classes: int) -> int:
     # plain decimal digits only: int() would also take " 5", "1_0" and non-ASCII digits
     k = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else 0
     if not 1 <= k <= num_classes:
@@ -118,6 +149,15 @@ def parse_top_k(query_string: bytes, num_classes: int) -> int:
             f"top_k must be an integer from 1 to {num_classes}, not {text[:32]!r}"
         )
     return k
+
+
+def parse_coverage(text: str) -> float:
+    coverage = float(text) if text and DECIMAL.fullmatch(text) else 0.0
+    if not 0 < coverage < 1:
+        raise InvalidParameter(
+            f"coverage must be a number between 0 and 1, exclusive (e.g. 0.95), not {text[:32]!r}"
+        )
+    return coverage
 
 
 async def read_image(

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from app.bundle import Calibration
 from app.schemas import ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -45,7 +46,38 @@ async def list_models(request: Request) -> dict[str, Any]:
                     },
                 },
                 "metrics": manifest.metrics,
+                "calibration": calibration_fields(manifest.calibration),
             }
         ],
         "workers": service.workers(),
+    }
+
+
+def calibration_fields(calibration: Calibration | None) -> dict[str, Any]:
+    """What the bundle's calibration makes of the scores, or that it has none."""
+    if calibration is None:
+        return {
+            "calibrated": False,
+            "temperature": 1.0,
+            "coverage_levels": [],
+            "summary": "no calibration in the bundle: scores are the plain softmax and "
+            "prediction sets are unavailable (build with labelled data, or blink import --eval)",
+        }
+    levels = sorted(calibration.thresholds, key=float)
+    if levels:
+        sets = f"prediction sets at coverage {', '.join(levels)} (query coverage=LEVEL)"
+    else:
+        sets = "no conformal thresholds, so prediction sets are unavailable"
+    return {
+        "calibrated": True,
+        "temperature": calibration.temperature,
+        "coverage_levels": [float(level) for level in levels],
+        "thresholds": calibration.thresholds,
+        "measured_coverage": calibration.coverage,
+        "mean_set_size": calibration.mean_set_size,
+        "split": calibration.split,
+        "images": calibration.images,
+        "ece_before": calibration.ece_before,
+        "ece_after": calibration.ece_after,
+        "summary": f"scores are calibrated with temperature {calibration.temperature:g}; {sets}",
     }

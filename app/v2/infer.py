@@ -53,7 +53,8 @@ async def infer(
     """
     started = time.perf_counter()
     request = parse_request(body, header_length)
-    requested = model.requested(request.outputs, request.binary_output)
+    conformal = model.conformal(request.parameters)  # refused here, before any work
+    requested = model.requested(request.outputs, request.binary_output, conformal)
     deadline = arrival + timeout_s(request.parameters, allowed_s)
     source = model.read_input(request.inputs)
     pixels = source if isinstance(source, np.ndarray) else await decode_all(service, source)
@@ -67,7 +68,7 @@ async def infer(
     header = {"model_name": model.name, "model_version": model.version}
     if request.id is not None:
         header["id"] = request.id
-    encoded, header_length = encode_response(header, model.outputs(logits, requested))
+    encoded, header_length = encode_response(header, model.outputs(logits, requested, conformal))
     times.queue = max(r.queue_s for r in results)
     times.compute_infer = sum(r.inference_s for r in results)
     times.compute_output = time.perf_counter() - finished

@@ -4,7 +4,10 @@ Two inputs, of which a request sends one: the model's own FP32 tensor `[N, C, H,
 `[N, H, W, C]` for an NHWC model), already preprocessed as the manifest says, or `image`, a BYTES
 tensor `[N]` of encoded images that the server decodes exactly as /classify does. Outputs,
 `[N, classes]`: `logits` and `probabilities`, or only `probabilities` for a model whose own output
-is probabilities already (it has no logits to give, and gets no second softmax).
+is probabilities already (it has no logits to give, and gets no second softmax). `probabilities`
+are the served scores, as /classify answers them: calibrated by the bundle's temperature when it
+has one; `logits` stay the model's own. With `parameters.coverage` the answer also holds
+`prediction_set`, BYTES `[N]`: each image's set as the JSON object /classify answers.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from weakref import WeakKeyDictionary
 import numpy as np
 import orjson
 
-from app.postprocess import softmax, top_k
-from app.service import ModelService
+from app.errors import InvalidParameter
+from app.postprocess import calibrated_scores, prediction_set, top_k
+from app.service import ModelService, coverage_threshold
 from app.v2.codec import BYTES, OutputTensor, RequestedOutput, Tensor, bad
 from app.v2.errors import V2Error
 from app.v2.stats import ModelStatistics
 
-LOGITS, PROBABILITIES = "logits", "probabilities"
+LOGITS, PROBABILITIES, PREDICTION_SET = "logits", "probabilities", "prediction_set"
 OUTPUTS = (LOGITS, PROBABILITIES)
 IMAGE = "image"
 PLATFORM = "onnxruntime_onnx"
@@ -50,6 +54,10 @@ class ServedModel:
         self.model_probabilities = manifest.output.kind == PROBABILITIES
         self.output_names = (PROBABILITIES,) if self.model_probabilities else OUTPUTS
         self.output_kind = manifest.output.kind
+        self.calibration = manifest.calibration
+        self.temperature = service.temperature
+        # the model's own probabilities are the served scores only at temperature 1
+        self.raw_probabilities = self.model_probabilities and self.temperature == 1.0
         self.max_batch_size = service.settings.max_batch_size
         self.stats = ModelStatistics()
         self.metadata = self._metadata()
@@ -112,34 +120,87 @@ class ServedModel:
 
     # -- outputs -------------------------------------------------------------------------------
 
+    def conformal(self, parameters: dict[str, Any]) -> tuple[float, float] | None:
+        """`parameters.coverage` and its recorded score threshold; None when not asked for."""
+        coverage = parameters.get("coverage")
+        if coverage is None:
+            return None
+        number = isinstance(coverage, int | float) and not isinstance(coverage, bool)
+        if not number or not 0 < coverage < 1:
+            raise bad(
+                "parameters.coverage must be a number between 0 and 1, exclusive (e.g. 0.95), "
+                f"not {orjson.dumps(coverage).decode()[:32]}"
+            )
+        try:
+            return coverage, coverage_threshold(self.calibration, coverage)
+        except InvalidParameter as exc:
+            raise V2Error.from_blink(exc, "parameters.coverage: ") from exc
+
     def requested(
-        self, outputs: list[RequestedOutput] | None, binary: bool
+        self,
+        outputs: list[RequestedOutput] | None,
+        binary: bool,
+        conformal: tuple[float, float] | None = None,
     ) -> list[RequestedOutput]:
-        """The outputs to answer (all of them when none are named), checked before inference."""
+        """The outputs to answer (all of them when none are named, and `prediction_set` when a
+        coverage was asked for), checked before inference."""
+        names = (*self.output_names, PREDICTION_SET) if conformal else self.output_names
         if outputs is None:
-            return [RequestedOutput(name, binary) for name in self.output_names]
+            return [RequestedOutput(name, binary) for name in names]
         for output in outputs:
-            if output.name not in self.output_names:
-                raise bad(f"unknown output {output.name!r}: outputs are {list(self.output_names)}")
+            if output.name == PREDICTION_SET and not conformal:
+                raise bad("output 'prediction_set' needs parameters.coverage")
+            if output.name not in names:
+                raise bad(f"unknown output {output.name!r}: outputs are {list(names)}")
+            if output.name == PREDICTION_SET and output.classification:
+                raise bad("output 'prediction_set' has no classification: it is the set itself")
+        if conformal and all(output.name != PREDICTION_SET for output in outputs):
+            return [*outputs, RequestedOutput(PREDICTION_SET, binary)]
         return outputs
 
-    def outputs(self, logits: np.ndarray, requested: list[RequestedOutput]) -> list[OutputTensor]:
+    def outputs(
+        self,
+        logits: np.ndarray,
+        requested: list[RequestedOutput],
+        conformal: tuple[float, float] | None = None,
+    ) -> list[OutputTensor]:
         logits = logits.astype(np.float32, copy=False)
         probabilities = None
         answers = []
         for output in requested:
+            if output.name == PREDICTION_SET:
+                assert conformal is not None  # requested() names it only with a coverage
+                data = self._prediction_sets(logits, conformal)
+                answers.append(OutputTensor(output.name, BYTES, data, output.binary))
+                continue
             if output.classification:
                 data = self._classification(logits, output.name, output.classification)
                 answers.append(OutputTensor(output.name, BYTES, data, output.binary))
                 continue
-            if output.name == LOGITS or self.model_probabilities:
+            if output.name == LOGITS or self.raw_probabilities:
                 data = logits  # the model's own output, as it is
             else:
                 if probabilities is None:
-                    probabilities = softmax(logits).astype(np.float32)
+                    probabilities = calibrated_scores(
+                        logits, probabilities=self.model_probabilities, temperature=self.temperature
+                    ).astype(np.float32)
                 data = probabilities
             answers.append(OutputTensor(output.name, "FP32", data, output.binary))
         return answers
+
+    def _prediction_sets(self, logits: np.ndarray, conformal: tuple[float, float]) -> np.ndarray:
+        """Each image's prediction set as the JSON object /classify answers, one BYTES each."""
+        answer = np.empty(len(logits), dtype=object)
+        for i, row in enumerate(logits):
+            found = prediction_set(
+                row,
+                *conformal,
+                self.labels,
+                probabilities=self.model_probabilities,
+                temperature=self.temperature,
+            )
+            answer[i] = orjson.dumps(found)
+        return answer
 
     def _classification(self, logits: np.ndarray, name: str, k: int) -> np.ndarray:
         """Triton's classification extension: the top k as "score:index:label", best first.
@@ -150,7 +211,13 @@ class ServedModel:
         k = min(k, len(self.labels))
         rows = []
         for row in logits:
-            best = top_k(row, k, self.labels, probabilities=self.model_probabilities)
+            best = top_k(
+                row,
+                k,
+                self.labels,
+                probabilities=self.model_probabilities,
+                temperature=self.temperature,
+            )
             if name == PROBABILITIES:
                 rows.append([f"{p['score']!r}:{p['index']}:{p['label']}".encode() for p in best])
             else:
@@ -184,8 +251,24 @@ class ServedModel:
             "outputs": [
                 {"name": name, "datatype": "FP32", "shape": [-1, classes]}
                 for name in self.output_names
-            ],
+            ]
+            + self._set_metadata(),
         }
+
+    def coverage_levels(self) -> list[str]:
+        """The coverage levels the bundle recorded thresholds for (none: no prediction sets)."""
+        thresholds = self.calibration.thresholds if self.calibration else {}
+        return sorted(thresholds, key=float)
+
+    def _set_metadata(self) -> list[dict[str, Any]]:
+        """`prediction_set`, answered only when a request asks for a recorded coverage."""
+        levels = self.coverage_levels()
+        if not levels:
+            return []
+        parameters = {"needs": "parameters.coverage", "coverage_levels": ",".join(levels)}
+        return [
+            {"name": PREDICTION_SET, "datatype": BYTES, "shape": [-1], "parameters": parameters}
+        ]
 
     def _preprocessing(self) -> dict[str, Any]:
         """How `image` inputs become the tensor input: the manifest's input description."""
@@ -252,6 +335,8 @@ class ServedModel:
                 "execution_provider": {"string_value": engine.provider},
                 "labels": {"string_value": orjson.dumps(self.labels).decode()},
                 "output_kind": {"string_value": self.output_kind},
+                "temperature": {"string_value": repr(self.temperature)},
+                "coverage_levels": {"string_value": ",".join(self.coverage_levels())},
                 **{
                     key: {"string_value": str(value)}
                     for key, value in self._preprocessing().items()

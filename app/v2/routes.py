@@ -158,7 +158,10 @@ INFER_DOC: dict[str, Any] = {
         "Send one input: the model's FP32 tensor `[N, C, H, W]`, preprocessed as the manifest "
         "says, or `image`, a BYTES tensor `[N]` of encoded images decoded as /classify does. "
         "With binary data, the JSON header's length goes in `Inference-Header-Content-Length` "
-        "and the tensors' bytes follow it. Bodies may be gzip or deflate (`Content-Encoding`)."
+        "and the tensors' bytes follow it. Bodies may be gzip or deflate (`Content-Encoding`). "
+        "`probabilities` are the served scores (calibrated when the bundle is); with "
+        "`parameters.coverage`, the `prediction_set` output holds each image's conformal "
+        "prediction set as a JSON object, one BYTES element per image."
     ),
     "response_model": InferenceResponse,
     "responses": {

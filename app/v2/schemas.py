@@ -58,7 +58,8 @@ class InferenceRequest(BaseModel):
     parameters: dict[str, Any] | None = Field(
         None,
         description="`binary_data_output`: outputs as binary by default; "
-        "`timeout`: deadline in microseconds",
+        "`timeout`: deadline in microseconds; `coverage`: a coverage level the bundle recorded "
+        "(e.g. 0.95), which adds the `prediction_set` output",
     )
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
