@@ -118,13 +118,13 @@ def prepare_multiprocess_metrics() -> str | None:
 
 
 def build(argv: list[str]) -> int:
-    from models.build import main as build_main
+    from models.commands.build import main as build_main
 
     return build_main(argv)
 
 
 def import_model(argv: list[str]) -> int:
-    from models.importer import main as import_main
+    from models.commands.imports import main as import_main
 
     return import_main(argv)
 

@@ -8,7 +8,7 @@ photos only; agreement is reported on crops of the HELD_OUT photos (never seen),
 the eight known photos and on crops of all eighteen (as the import's own check), each also by
 fp32-confidence band. fp16 and fp32 with one grey level of input noise give the floor: how often
 a harmless perturbation flips fp32's top class. Throughput: ONNX Runtime with the engine's
-session settings, INT8 against fp32 round by round (models/speed.py), one thread.
+session settings, INT8 against fp32 round by round (models/evaluate/speed.py), one thread.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import onnx
 import onnxruntime as ort
 
 from app.postprocess import softmax
-from models import photos
-from models.import_bundle import bias_corrected_onnx, preprocess_images, write_fp16
-from models.pretrained import export_model, export_onnx, pretrained_spec
-from models.quantize import quantize_int8, quiet_logs
+from models.compress.quantize import quantize_int8, quiet_logs
+from models.data import photos
+from models.nets.pretrained import export_model, export_onnx, pretrained_spec
+from models.publish.import_bundle import bias_corrected_onnx, preprocess_images, write_fp16
 
 NAME = "efficientnet-lite0"
 HELD_OUT = ("clock", "china", "motorcycle", "coins", "gravel", "astronaut")
@@ -75,7 +75,7 @@ def image_sets(spec, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict
     }
     checks = {key: preprocess_images(images, spec) for key, images in crops.items()}
     # the same crops sent as JPEG quality 90 instead of 95: a perturbation cameras make daily
-    from models.evaluate import preprocess_all
+    from models.evaluate.metrics import preprocess_all
 
     recoded = {
         key: preprocess_all([photos.encode(i, "JPEG", quality=90) for i in images], spec)
@@ -105,7 +105,7 @@ def agreement_row(reference: dict, answers: dict) -> dict[str, str]:
 
 
 def throughput_ratio(fp32: Path, int8: Path, spec) -> dict[str, str]:
-    from models.speed import throughput
+    from models.evaluate.speed import throughput
 
     runners = {}
     for name, path in (("fp32", fp32), ("int8", int8)):
@@ -125,7 +125,7 @@ def self_distilled(teacher, spec, calib: np.ndarray, args, target: Path) -> Path
     """Fine-tune a fake-quantized copy on fresh views of the calibration photos; export it."""
     import torch
 
-    from models import qat
+    from models.compress import qat
 
     calibration = [p.image for p in photos.all_photos() if p.name not in HELD_OUT]
 

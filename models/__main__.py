@@ -1,5 +1,5 @@
 """`python -m models` is `blink build`."""
 
-from models.build import main
+from models.commands.build import main
 
 raise SystemExit(main())

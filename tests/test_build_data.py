@@ -1,4 +1,5 @@
-"""Dataset loaders (models/data.py) on small fixture files written here in each real format."""
+"""Dataset loaders (models/data/datasets.py) on small fixture files written here in each real
+format."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import data
-from models.build import main as build_main
+from models.commands.build import main as build_main
+from models.data import datasets as data
 
 # --- writers for each real format --------------------------------------------------------
 

@@ -12,8 +12,9 @@ import pytest
 
 from app.bundle import load_bundle, sha256_of, verify_variant
 from app.settings import Settings
-from models import data, train
-from models.build import main as build_main
+from models.commands.build import main as build_main
+from models.data import datasets as data
+from models.train import loop as train
 from tests.conftest import running_app
 from tests.test_build_data import write_image_folder
 
@@ -171,7 +172,7 @@ def test_qat_worse_than_static_int8_keeps_the_static_model(
 ) -> None:
     """Static INT8 misses an impossible gate, and QAT (here made to wreck the weights) does
     worse on the validation split: the static model stays, with the manifest's hash for it."""
-    from models import bundle_writer
+    from models.publish import build_bundle as bundle_writer
 
     def wrecked(state, model, splits, mean, std):
         import torch

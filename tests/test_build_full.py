@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from app.bundle import load_bundle
-from models import data
-from models.build import DEFAULT_EPOCHS
-from models.build import main as build_main
+from models.commands.build import DEFAULT_EPOCHS
+from models.commands.build import main as build_main
+from models.data import datasets as data
 from tests.conftest import live_server
 
 pytestmark = [
@@ -49,7 +49,8 @@ def test_default_build_meets_its_targets(default_build: Path) -> None:
         f"{provenance['epochs']} epochs in {provenance['training']['precision']}, "
         f"stages {provenance['stages_seconds']}"
     )
-    # The default schedule follows the training arithmetic (models/build.py: DEFAULT_EPOCHS).
+    # The default schedule follows the training arithmetic
+    # (models/commands/build.py: DEFAULT_EPOCHS).
     mixed = provenance["training"]["precision"] != "fp32"
     assert provenance["epochs"] == DEFAULT_EPOCHS["mixed" if mixed else "fp32"]
     # The goal is 94.0%. In mixed precision the default build reaches it (94.05% with bf16 on an

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import evaluate, export, net, prune, qat, quantize, speed, train
-from models.pipeline import replace_symlink
+from models.compress import prune, qat, quantize
+from models.evaluate import metrics as evaluate
+from models.evaluate import speed
+from models.export import onnx as export
+from models.nets import cnn as net
+from models.publish.pipeline import replace_symlink
+from models.train import loop as train
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def test_augmentation_keeps_shape_and_changes_pixels() -> None:
 def test_normalize_matches_the_service(tmp_path: Path) -> None:
     from app.bundle import InputSpec
     from app.preprocess import Preprocessor
-    from models.data import encode_png
+    from models.data.datasets import encode_png
 
     pixels = np.random.default_rng(1).integers(0, 256, (1, 28, 28, 1), dtype=np.uint8)
     spec = InputSpec(height=28, width=28, channels=1, color="L", mean=[0.286], std=[0.353])

@@ -18,12 +18,12 @@ from PIL import Image
 
 from app.bundle import load_bundle
 from app.engine import cpu_sums_int8_in_32_bits
-from models import data
-from models.augment import ViewConfig, random_view
-from models.build import main as build_main
+from models.commands.build import main as build_main
+from models.data import datasets as data
+from models.data.views import ViewConfig, random_view
 from tests.conftest import live_server
 
-pretrained = pytest.importorskip("models.pretrained")
+pretrained = pytest.importorskip("models.nets.pretrained")
 try:
     pretrained.weights_path("efficientnet-lite0")
     HAVE_WEIGHTS = True
@@ -118,8 +118,8 @@ def test_random_views_are_seeded_photos_of_the_model_size() -> None:
 def test_rebuilt_backbone_computes_what_the_pretrained_one_does() -> None:
     import torch
 
-    from models.finetune import TransferNet
-    from models.pipeline import quiet_stdout
+    from models.nets.transfer import TransferNet
+    from models.publish.pipeline import quiet_stdout
 
     with quiet_stdout():
         original = pretrained.load_backbone("efficientnet-lite0")

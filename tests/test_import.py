@@ -346,7 +346,7 @@ async def test_served_nhwc_probability_model_answers_without_a_second_softmax(
 
 @pytest.mark.parametrize("count", [1, 64, 130, 218])
 def test_calibration_batches_are_equal_for_any_image_count(count):
-    from models.quantize import BatchReader
+    from models.compress.quantize import BatchReader
 
     reader = BatchReader(np.zeros((count, 3, 2, 2), np.float32), "input")
     sizes = []

@@ -13,7 +13,7 @@ import pytest
 
 from app.bundle import load_bundle
 from app.cli import main as blink
-from models import photos
+from models.data import photos
 from tests.conftest import live_server
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import qat
+from models.compress import qat
 
 SIZE = 64
 

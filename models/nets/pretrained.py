@@ -128,7 +128,7 @@ def export_onnx(name: str, path: Path, *, tensor_name: str = "input", output_nam
 
     The caller checks parity against torch.
     """
-    from models.pipeline import quiet_stdout
+    from models.publish.pipeline import quiet_stdout
 
     with quiet_stdout():
         model = load_backbone(name)  # its loader prints a line on stdout
@@ -147,7 +147,7 @@ def export_model(
 
     import torch
 
-    from models.pipeline import quiet_stdout
+    from models.publish.pipeline import quiet_stdout
 
     example = torch.zeros(1, 3, size, size)
     with quiet_stdout(), torch.no_grad(), warnings.catch_warnings():

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from app.bundle import InputSpec
-from models.pipeline import BuildError, log
+from models.publish.pipeline import BuildError, log
 
 # A candidate needs room for this many epochs in its share of the budget, or it is skipped
 MIN_EPOCHS = 3
+# The backbones shrink their input 32 times; a smaller input leaves them nothing to see
+BACKBONE_MIN_SIDE = 32
 # The scratch network's share of the budget when backbones follow it; they split the rest
 SCRATCH_SHARE = 0.4
 SCRATCH = "scratch"
@@ -88,7 +90,7 @@ class Trained:
 
 def installed_backbones() -> list[str]:
     """The pretrained backbones whose code and weights are installed, smallest first."""
-    from models.pretrained import PRETRAINED, PretrainedUnavailable, weights_path
+    from models.nets.pretrained import PRETRAINED, PretrainedUnavailable, weights_path
 
     found = []
     for name in PRETRAINED:
@@ -116,7 +118,7 @@ def shares(names: list[str], budget_s: float) -> dict[str, float]:
 
 
 def train_config(recipe: Recipe, spec: InputSpec, *, seed: int, precision: str, scratch: bool):
-    from models import train as training
+    from models.train import loop as training
 
     return training.TrainConfig(
         epochs=recipe.epochs,
@@ -142,8 +144,8 @@ def train_config(recipe: Recipe, spec: InputSpec, *, seed: int, precision: str, 
 
 def network(name: str, spec: InputSpec, labels: list[str], recipe: Recipe):
     """A fresh network for candidate `name`, reading `spec`'s input."""
-    from models import finetune
-    from models import net as nets
+    from models.nets import cnn as nets
+    from models.nets import transfer
 
     if name == SCRATCH:
         config = nets.for_input(
@@ -155,13 +157,13 @@ def network(name: str, spec: InputSpec, labels: list[str], recipe: Recipe):
             depth=recipe.depth,
         )
         return nets.Net(config)
-    return finetune.TransferNet(name, labels, finetune.layer_count(name), pool="avgmax")
+    return transfer.TransferNet(name, labels, transfer.layer_count(name), pool="avgmax")
 
 
 def backbone_spec(name: str, scratch_spec: InputSpec) -> InputSpec:
     """A backbone's input for this folder: its colour and normalisation, at the folder's own
     size, the whole frame."""
-    from models.pretrained import pretrained_spec
+    from models.nets.pretrained import pretrained_spec
 
     return (
         pretrained_spec(name)
@@ -192,8 +194,8 @@ def run_candidates(
     (skipped ones included, with the reason)."""
     import torch
 
-    from models import net as nets
-    from models import train as training
+    from models.nets import cnn as nets
+    from models.train import loop as training
 
     results: list[Trained] = []
     allowance = shares(names, budget_s)
@@ -205,6 +207,9 @@ def run_candidates(
         best = max((r.score for r in results if r.model is not None), default=None)
         if best is not None and best >= (1.0, 1.0):
             result.skipped = "not tried: an earlier candidate got every validation image right"
+            continue
+        if name != SCRATCH and min(spec.height, spec.width) < BACKBONE_MIN_SIDE:
+            result.skipped = f"not tried: inputs under {BACKBONE_MIN_SIDE} px are too small"
             continue
         left = budget_s - (time.perf_counter() - started)
         share = min(left, allowance[name] + max(0.0, left - sum(allowance.values())))
@@ -251,7 +256,7 @@ def epoch_seconds(model, train_set, spec: InputSpec, config) -> float:
     """About how long one training epoch of `model` takes here (a few steps, timed)."""
     import torch
 
-    from models import train as training
+    from models.train import loop as training
 
     dev = torch.device("cpu")
     images = training.to_nchw(train_set[0][: config.batch_size], dev)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.pipeline import BuildError
+from models.publish.pipeline import BuildError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 # --mean/--std presets: (x/255 - mean) / std lands the pixels where each convention wants them.

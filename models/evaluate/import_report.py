@@ -12,8 +12,8 @@ from typing import Any, cast
 import numpy as np
 
 from app.bundle import Manifest, VariantFile
-from models.pipeline import BuildState
-from models.report import PLOTS, confusion_table, plot_confusion
+from models.evaluate.report import PLOTS, confusion_table, plot_confusion
+from models.publish.pipeline import BuildState
 
 
 def write_report(directory: Path, manifest: Manifest, state: BuildState, checks) -> None:
@@ -140,7 +140,7 @@ def measured(manifest: Manifest, checks, served: str) -> list[str]:
 
 
 def confident_part(metrics: dict) -> str:
-    from models.import_bundle import CONFIDENT
+    from models.evaluate.metrics import CONFIDENT
 
     if "top1_agreement_where_fp32_confident" not in metrics:
         return "."

@@ -14,9 +14,11 @@ import numpy as np
 from app.bundle import Bundle, InputSpec
 from app.engine import Engine
 from app.preprocess import Preprocessor
-from models.data import Dataset, encode_png
+from models.data.datasets import Dataset, encode_png
 
 SERVICE_BATCH = 32  # the service's default max batch size
+# fp32 top-class probability from which an image counts as unambiguous (INT8 agreement)
+CONFIDENT = 0.5
 
 
 def encoded_test_images(dataset: Dataset) -> list[bytes]:

@@ -23,10 +23,10 @@ from app.bundle import (
     load_bundle,
 )
 from app.engine import Engine
-from models import evaluate as evaluation
-from models import net as nets
-from models.data import Dataset
-from models.pipeline import (
+from models.data.datasets import Dataset
+from models.evaluate import metrics as evaluation
+from models.nets import cnn as nets
+from models.publish.pipeline import (
     VARIANT_FILES,
     BuildError,
     BuildState,
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| logit difference tolerated for fp32
 PARITY_PIXELS = 2_000_000  # input pixels compared in the parity check (at most 512 images)
+# INT8 calibration reads at most this many input pixels by default (1024 28x28 images fit;
+# 256 of 250x250): its histograms cost time in proportion, and more say little more
+CALIBRATION_PIXELS = 16_000_000
 # Each speed round is capped in time, so a 224x224 backbone measures in seconds, not minutes.
 SPEED_ROUND_SECONDS = 1.0
 
@@ -75,8 +78,9 @@ def write_bundle(
 
 
 def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, name, version):
-    from models import export, report
-    from models import speed as speeds
+    from models.evaluate import report
+    from models.evaluate import speed as speeds
+    from models.export import onnx as export
 
     args = state.args
     (train_set, _) = splits
@@ -95,7 +99,10 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
         if parity > PARITY_BOUND:
             raise BuildError(f"ONNX export differs from torch by {parity:.2e} (> {PARITY_BOUND})")
     save_checkpoint(model, directory / "checkpoint.pt")
-    calibration = calibration_images(train_set, spec, args.calibration_images, args.seed)
+    count = args.calibration_images
+    if not getattr(args, "calibration_images_given", True):  # large images: fewer say as much
+        count = min(count, max(64, CALIBRATION_PIXELS // (spec.height * spec.width)))
+    calibration = calibration_images(train_set, spec, count, args.seed)
     variants = ["fp32", "int8"] + ([] if args.no_fp16 else ["fp16"])
     if not args.no_fp16:
         with state.stage("export fp16"), quiet_stdout():
@@ -200,7 +207,7 @@ def calibrate_scores(state: BuildState, directory: Path, spec: InputSpec, logits
     on the validation split, the conformal thresholds on the calibration split, the figures
     on the test split. None when there is no calibration split; levels it is too small for
     are left out, or refused when asked for by name."""
-    from models import calibration as calib
+    from models.evaluate import calibration as calib
 
     assert state.held_out is not None  # the caller checked
     (val_images, val_labels), (cal_images, cal_labels) = state.held_out
@@ -241,17 +248,17 @@ def calibrate_scores(state: BuildState, directory: Path, spec: InputSpec, logits
 
 
 def save_checkpoint(model, path: Path) -> None:
-    from models import finetune
+    from models.nets import transfer
 
-    if isinstance(model, finetune.TransferNet):
-        finetune.save_checkpoint(model, path)
+    if isinstance(model, transfer.TransferNet):
+        transfer.save_checkpoint(model, path)
     else:
         nets.save_checkpoint(model, path)
 
 
 def validation_accuracy(path: Path, val_set, spec: InputSpec) -> float:
     """Top-1 accuracy of an ONNX variant on the validation split, normalised as served."""
-    from models import export
+    from models.export import onnx as export
 
     images, labels = val_set
     inputs = normalised(images, spec)
@@ -284,14 +291,15 @@ def quantize(model, directory: Path, calibration: np.ndarray, method: str, *, qa
     A fine-tuned backbone (depthwise convolutions, few weights per channel) loses most to
     rounding: it gets all 8 bits of weight where the CPU sums INT8 products in 32 bits, and is
     quantized from a copy whose biases absorb each layer's mean rounding error
-    (models/qat.py: bias_corrected; measured in docs/transfer-learning.md).
+    (models/compress/qat.py: bias_corrected; measured in docs/transfer-learning.md).
     """
     from app.engine import cpu_sums_int8_in_32_bits
-    from models import export, finetune
-    from models import qat as qat_tools
-    from models.quantize import quantization_record, quantize_int8
+    from models.compress import qat as qat_tools
+    from models.compress.quantize import quantization_record, quantize_int8
+    from models.export import onnx as export
+    from models.nets import transfer
 
-    depthwise = isinstance(model, finetune.TransferNet)
+    depthwise = isinstance(model, transfer.TransferNet)
     full_range = depthwise and cpu_sums_int8_in_32_bits()
     correct = depthwise and not qat  # QAT has already trained the weights for the grid
     source = directory / VARIANT_FILES["fp32"]
@@ -325,8 +333,8 @@ def quantization_aware(
     mean: list[float],
     std: list[float],
 ) -> nn.Module:
-    from models import qat
-    from models import train as training
+    from models.compress import qat
+    from models.train import loop as training
 
     args = state.args
     prepared, handles = qat.prepare(model)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.pipeline import progress
+from models.publish.pipeline import progress
 
 WEIGHT_DECAY = {"adamw": 5e-2, "sgd": 5e-4}  # AdamW's is decoupled, hence much larger
 
@@ -304,11 +304,14 @@ def evaluate(
 
 def selection_score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """(macro-F1, accuracy) on validation: what picks the epoch and the candidate kept. With
-    imbalanced classes, accuracy alone favours the largest class."""
-    from models.evaluate import score
+    imbalanced classes, accuracy alone favours the largest. The macro average runs over the
+    classes present in the labels or the predictions: a small validation split may lack one."""
+    from models.evaluate.metrics import score
 
-    scores = score(labels.numpy(), logits.argmax(1).numpy(), logits.shape[1])
-    return float(np.mean(scores.f1)), scores.accuracy
+    predicted = logits.argmax(1).numpy()
+    scores = score(labels.numpy(), predicted, logits.shape[1])
+    present = np.union1d(labels.numpy(), predicted)
+    return float(np.mean(np.asarray(scores.f1)[present])), scores.accuracy
 
 
 class WeightAverage:

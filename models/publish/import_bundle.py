@@ -26,13 +26,14 @@ from app.bundle import (
     load_bundle,
     sha256_of,
 )
-from models import evaluate as evaluation
-from models import import_inputs as inputs
-from models import importer, onnx_graph
+from models.evaluate import metrics as evaluation
+from models.export import graph as onnx_graph
+from models.publish import describe
+from models.publish import import_inputs as inputs
 
 if TYPE_CHECKING:
     from torch import nn
-from models.pipeline import (
+from models.publish.pipeline import (
     VARIANT_FILES,
     BuildError,
     BuildState,
@@ -43,7 +44,6 @@ from models.pipeline import (
 )
 
 PARITY_BOUND = 1e-3  # max |torch - ONNX Runtime| output difference tolerated for an export
-CONFIDENT = 0.5  # fp32 top-class probability from which an image counts as unambiguous
 
 
 @dataclass
@@ -84,17 +84,17 @@ def write_import(args: argparse.Namespace, argv: list[str], source: Source) -> P
     if final.exists():
         raise BuildError(f"{final} already exists; pass --version")
     graph = onnx_graph.describe(source.model)
-    spec = importer.describe_input(args, graph, source.path)
-    output = importer.describe_output(args, graph, source.labels, source.path)
+    spec = describe.describe_input(args, graph, source.path)
+    output = describe.describe_output(args, graph, source.labels, source.path)
     return publish(
         home, state.version, lambda staging: assemble(state, source, spec, output, staging)
     )
 
 
 def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directory: Path):
-    from models import import_report
-    from models import speed as speeds
-    from models.photos import PhotosUnavailable
+    from models.data.photos import PhotosUnavailable
+    from models.evaluate import import_report
+    from models.evaluate import speed as speeds
 
     args = state.args
     with state.stage("fp32"):
@@ -210,7 +210,7 @@ def check_runs(path: Path, spec: InputSpec, output: OutputSpec, classes: int) ->
         (answer,) = onnx_graph.session(path).run([output.name], {spec.name: zeros})
     except Exception as exc:  # ONNX Runtime's own exception types
         raise BuildError(f"ONNX Runtime cannot run {path} on a batch of 2: {exc}") from exc
-    importer.check_classes(output.name, list(answer.shape), ["?"] * classes, path)
+    describe.check_classes(output.name, list(answer.shape), ["?"] * classes, path)
     if answer.shape[0] != 2:
         raise BuildError(f"{path} answers a batch of 2 with {answer.shape[0]} rows")
     if output.kind == "probabilities" and not np.allclose(answer.sum(1), 1, atol=1e-3):
@@ -247,7 +247,7 @@ def write_quantized(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from app.engine import cpu_sums_int8_in_32_bits
-    from models.quantize import quantization_record, quantize_int8, quiet_logs
+    from models.compress.quantize import quantization_record, quantize_int8, quiet_logs
 
     args = state.args
     prepared = directory / ".prepared.onnx"
@@ -296,14 +296,14 @@ def bias_corrected_onnx(
     float_first: bool = False,
 ) -> Path:
     """The BN-folded backbone with each layer's mean INT8 rounding error taken out of its bias
-    (models/qat.py), exported and cleaned up for the quantizer. Depthwise convolutions, with
-    few weights per channel, have rounding errors that do not average out: this removes them
+    (models/compress/qat.py), exported and cleaned up for the quantizer. Depthwise convolutions,
+    with few weights per channel, have rounding errors that do not average out: this removes them
     (docs/own-model.md measures it)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from models import qat
-    from models.pretrained import export_model
-    from models.quantize import quiet_logs
+    from models.compress import qat
+    from models.compress.quantize import quiet_logs
+    from models.nets.pretrained import export_model
 
     corrected = qat.bias_corrected(
         torch_model,
@@ -338,7 +338,7 @@ def calibration_set(state, source: Source, spec: InputSpec) -> np.ndarray | None
             return read_files(files, spec)
     if source.torch_model is None:
         return None
-    from models import photos
+    from models.data import photos
 
     with state.stage("calibration photos"):
         images = [p.image for p in photos.all_photos()]
@@ -355,7 +355,7 @@ def checked_images(state, source: Source, spec: InputSpec) -> CheckImages:
             files, checked.eval_classes = inputs.labelled_folders(args.eval, source.labels)
             checked.images["eval"] = read_files(files, spec)
     if source.torch_model is not None:
-        from models import photos
+        from models.data import photos
 
         with state.stage("check photos"):
             checked.known_photos = photos.known_photos()
@@ -377,7 +377,7 @@ def read_files(files: list[Path], spec: InputSpec) -> np.ndarray:
 
 def preprocess_images(images: list, spec: InputSpec) -> np.ndarray:
     """Through the service's decoder, as JPEGs (what cameras send; DCT scaling included)."""
-    from models.photos import encode
+    from models.data.photos import encode
 
     return evaluation.preprocess_all([encode(i, "JPEG", quality=95) for i in images], spec)
 
@@ -415,7 +415,7 @@ def measure(
         ]
     if "agreement" in checked.images:
         reference = outputs["fp32"]["agreement"]
-        confident = top_probability(reference, probabilities) >= CONFIDENT
+        confident = top_probability(reference, probabilities) >= evaluation.CONFIDENT
         for variant in [v for v in outputs if v != "fp32"]:
             same = outputs[variant]["agreement"].argmax(1) == reference.argmax(1)
             agreement = float(same.mean())
@@ -438,11 +438,10 @@ def measure(
 def calibrate_on_eval(state, outputs: np.ndarray, classes: np.ndarray, kind: str, served: str):
     """The manifest's `calibration` from the --eval images, split per class (seeded): a
     quarter fits the temperature, a quarter the conformal thresholds, the rest measures."""
-    from models import calibration as calib
-    from models.build import parse_coverage
+    from models.evaluate import calibration as calib
 
     args = state.args
-    levels = parse_coverage(args.coverage) if args.coverage else calib.DEFAULT_COVERAGE
+    levels = args.coverage or calib.DEFAULT_COVERAGE
     fit, conformal, test = calib.stratified_parts(classes, (0.25, 0.25), args.seed)
     supported = calib.supported_levels(levels, len(conformal))
     if len(supported) < len(levels):

@@ -1,7 +1,7 @@
 """`blink build --dataset folder`: a user's class-per-folder photos to a bundle.
 
 The input is the photos' own size (the shorter side capped) and the whole frame; the
-candidates (models/candidates.py) train within the budget and the best on validation is
+candidates (models/train/candidates.py) train within the budget and the best on validation is
 published through the common bundle path, with its scores calibrated on held-out images.
 """
 
@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from app.bundle import InputSpec
-from models import candidates as cands
-from models import data as datasets
-from models.pipeline import BuildError, BuildState, log
+from models.data import datasets
+from models.publish.pipeline import BuildError, BuildState, log
+from models.train import candidates as cands
 
 
 def build_folder(state: BuildState) -> Path:
-    from models.bundle_writer import write_bundle
+    from models.publish.build_bundle import write_bundle
 
     args = state.args
     with state.stage("load data"):
@@ -99,9 +99,10 @@ def build_folder(state: BuildState) -> Path:
 
 
 def state_splits(state: BuildState, count: int) -> dict[str, np.ndarray]:
-    from models.build import validation_split
-
-    train, val, calibration = validation_split(state.args, count)
+    args = state.args
+    train, val, calibration = datasets.held_out_indices(
+        count, args.val_split, args.calibration_split, args.seed
+    )
     return {"train": train, "val": val, "calibration": calibration}
 
 
@@ -166,7 +167,7 @@ def candidate_figures(results: list[cands.Trained], dataset: datasets.Dataset) -
     come later, from the bundle's own variants."""
     import torch
 
-    from models import evaluate as evaluation
+    from models.evaluate import metrics as evaluation
 
     encoded = evaluation.encoded_test_images(dataset)
     for result in results:
@@ -192,9 +193,9 @@ def batch1_ms(result: cands.Trained) -> float:
     """fp32 ONNX Runtime, one thread, batch 1: the candidate's serving cost per image."""
     import tempfile
 
-    from models import export
-    from models import speed as speeds
-    from models.pipeline import quiet_stdout
+    from models.evaluate import speed as speeds
+    from models.export import onnx as export
+    from models.publish.pipeline import quiet_stdout
 
     spec = result.spec
     shape = (spec.channels, spec.height, spec.width)

@@ -1,4 +1,4 @@
-"""`blink build` / `python -m models.build`: dataset in, served-ready model bundle out.
+"""`blink build` / `python -m models.commands.build`: dataset in, served-ready model bundle out.
 
 Stages: load data -> (train a teacher) -> train -> (prune + fine-tune) -> export fp32 ->
 quantize INT8 (QAT fine-tune when static INT8 misses the gate) -> fp16 -> evaluate every variant
@@ -15,9 +15,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from models.augment import ViewConfig
-from models.pipeline import BuildError, BuildState, GateFailed, default_version, log
-from models.pretrained import PRETRAINED
+from models.data.views import ViewConfig
+from models.nets.pretrained import PRETRAINED
+from models.publish.pipeline import BuildError, BuildState, GateFailed, default_version, log
 
 DEFAULTS = {
     "batch_size": 128,
@@ -192,8 +192,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--calibration-images",
         type=int,
-        help="training images INT8 calibration runs (default 1024; 64 with --pretrained, "
-        "whose activations are far larger)",
+        help="training images INT8 calibration runs (default 1024, fewer for large images: "
+        "16 megapixels in all; 64 with --fast, whose activations are far larger)",
     )
     c.add_argument(
         "--calibration-method", choices=["minmax", "entropy", "percentile"], default="percentile"
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(args: argparse.Namespace) -> None:
-    from models.calibration import DEFAULT_COVERAGE
+    from models.evaluate.calibration import DEFAULT_COVERAGE
 
     if args.lr is None:
         args.lr = {"adamw": 4e-3, "sgd": 0.1}[args.optimizer]
@@ -251,6 +251,7 @@ def validate(args: argparse.Namespace) -> None:
         raise BuildError("--limit must be at least 10")
     if not 0 <= args.prune < 1:
         raise BuildError(f"--prune must be a fraction in [0, 1), not {args.prune}")
+    args.calibration_images_given = args.calibration_images is not None
     if args.calibration_images is None:
         args.calibration_images = 64 if args.pretrained else 1024
     if args.calibration_images < 1:
@@ -264,17 +265,13 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def parse_coverage(text: str) -> tuple[float, ...]:
-    """'0.9,0.95' -> (0.9, 0.95); each level strictly between 0 and 1."""
-    levels = []
-    for part in text.split(","):
-        try:
-            level = float(part)
-        except ValueError:
-            raise BuildError(f"--coverage: {part!r} is not a number") from None
-        if not 0 < level < 1:
-            raise BuildError(f"--coverage levels must be in (0, 1), not {part.strip()}")
-        levels.append(level)
-    return tuple(sorted(set(levels)))
+    """--coverage '0.9,0.95' as levels, or the one-line error."""
+    from models.evaluate.calibration import parse_levels
+
+    try:
+        return parse_levels(text)
+    except ValueError as exc:
+        raise BuildError(f"--coverage: {exc}") from None
 
 
 def validate_transfer(args: argparse.Namespace) -> None:
@@ -294,10 +291,10 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
     # torch is imported here, not at module level, so `blink build --help` stays instant
     import torch
 
-    from models import data as datasets
-    from models import net as nets
-    from models import train as training
-    from models.bundle_writer import write_bundle
+    from models.data import datasets
+    from models.nets import cnn as nets
+    from models.publish.build_bundle import write_bundle
+    from models.train import loop as training
 
     state = BuildState(args=args, argv=argv)
     state.name, state.version = bundle_name(args), args.version or default_version()
@@ -308,8 +305,9 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
     state.coverage = args.coverage
     if args.fast:
         return build_transfer(state)
-    if args.dataset == "folder":
-        from models.build_folder import build_folder
+    if args.dataset == "folder" and not (args.teacher or args.prune):
+        # distillation and pruning compress the from-scratch CNN: they take the path below
+        from models.commands.build_folder import build_folder
 
         return build_folder(state)
     args.width = args.width or DEFAULTS["width"]
@@ -339,12 +337,11 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
             f"{len(cal_set[1])} calibration, {len(dataset.test_labels)} test images of "
             f"{dataset.size} x {dataset.channels}"
         )
-    config = nets.NetConfig(
-        in_channels=dataset.channels,
-        classes=len(dataset.labels),
-        input_height=dataset.size[0],
-        input_width=dataset.size[1],
-        width=args.width,
+    config = nets.for_input(
+        dataset.channels,
+        len(dataset.labels),
+        *dataset.size,
+        channels=args.width,
         depth=args.depth,
     )
     train_config = training.TrainConfig(
@@ -393,7 +390,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
 
 def validation_split(args: argparse.Namespace, count: int):
     """(training, validation, calibration) indices of the training images."""
-    from models import data as datasets
+    from models.data import datasets
 
     return datasets.held_out_indices(count, args.val_split, args.calibration_split, args.seed)
 
@@ -406,10 +403,11 @@ def held_out(args: argparse.Namespace, images, labels):
 
 def build_transfer(state: BuildState) -> Path:
     """Fine-tune a pretrained backbone on a folder of photos, then the common bundle path."""
-    from models import data as datasets
-    from models import finetune
-    from models.bundle_writer import write_bundle
-    from models.pretrained import pretrained_spec
+    from models.data import datasets
+    from models.nets import transfer
+    from models.nets.pretrained import pretrained_spec
+    from models.publish.build_bundle import write_bundle
+    from models.train import frozen as finetune
 
     args = state.args
     spec = pretrained_spec(args.pretrained).input_spec()
@@ -457,7 +455,7 @@ def build_transfer(state: BuildState) -> Path:
             f"{len(dataset.test_labels)} test images; {len(dataset.skipped)} unreadable "
             "file(s) skipped"
         )
-    model = finetune.TransferNet(args.pretrained, dataset.labels, args.tune_last)
+    model = transfer.TransferNet(args.pretrained, dataset.labels, args.tune_last)
     with state.stage("features"):
         cache = finetune.cache_features(model, train_set, contexts, val_set, spec, config)
     with state.stage("head"):
@@ -485,18 +483,19 @@ def teacher_for(args, dataset, config, fit, val_set, mean, std):
     through its logits on each training image, decoded at its own input size."""
     import torch
 
-    from models import finetune
-    from models import net as nets
+    from models.nets import cnn as nets
+    from models.nets import transfer
+    from models.train import frozen as finetune
 
     source = args.teacher
     checkpoint = None
     if source != "auto-train":
         checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    if checkpoint is None or checkpoint.get("kind") != finetune.CHECKPOINT_KIND:
+    if checkpoint is None or checkpoint.get("kind") != transfer.CHECKPOINT_KIND:
         teacher = load_or_train_teacher(source, config, fit)
         accuracy = validation_accuracy(teacher, val_set, mean, std)
         return teacher, nets.parameter_count(teacher), accuracy
-    model = finetune.load_checkpoint(checkpoint)
+    model = transfer.load_checkpoint(checkpoint)
     if dataset.train_sources is None:
         raise BuildError(f"--teacher {source} is a fine-tuned backbone: it teaches folders only")
     if model.labels != dataset.labels:
@@ -512,7 +511,7 @@ def teacher_for(args, dataset, config, fit, val_set, mean, std):
 
 
 def load_or_train_teacher(source: str, config, fit):
-    from models import net as nets
+    from models.nets import cnn as nets
 
     if source != "auto-train":
         teacher = nets.load_checkpoint(source)
@@ -531,7 +530,7 @@ def load_or_train_teacher(source: str, config, fit):
 def validation_accuracy(model, val_set, mean, std) -> float:
     import torch
 
-    from models import train as training
+    from models.train import loop as training
 
     dev = torch.device("cpu")
     model = model.to(dev).to(memory_format=torch.channels_last)
@@ -546,9 +545,9 @@ def validation_accuracy(model, val_set, mean, std) -> float:
 
 
 def prune_and_finetune(model, args, train_config, fit, state, val_set, mean, std):
-    from models import net as nets
-    from models import train as training
-    from models.prune import prune_channels
+    from models.compress.prune import prune_channels
+    from models.nets import cnn as nets
+    from models.train import loop as training
 
     before = nets.parameter_count(model), validation_accuracy(model, val_set, mean, std)
     pruned = prune_channels(model, args.prune)

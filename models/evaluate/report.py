@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from app.bundle import Manifest, VariantFile
-from models.data import Dataset
-from models.pipeline import BuildState
+from models.data.datasets import Dataset
+from models.publish.pipeline import BuildState
 
 PLOTS = {
     "curves": "training_curves.png",
@@ -122,7 +122,7 @@ def plot_reliability(
     manifest: Manifest, outputs: np.ndarray, labels: np.ndarray, directory: Path
 ) -> None:
     """Accuracy against confidence per bin, before and after temperature scaling."""
-    from models.calibration import reliability, served_scores
+    from models.evaluate.calibration import reliability, served_scores
 
     assert manifest.calibration is not None
     probabilities = manifest.output.kind == "probabilities"

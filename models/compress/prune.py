@@ -13,7 +13,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from models.net import Net, NetConfig, Residual
+from models.nets.cnn import Net, NetConfig, Residual
 
 
 def channel_strength(block: Residual) -> torch.Tensor:

@@ -16,8 +16,8 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-from models import export
-from models.pipeline import quiet_stdout
+from models.export import onnx as export
+from models.publish.pipeline import quiet_stdout
 
 BATCH = 32
 

@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning: teach the folded network to live on the INT8 grid.
 
 The network is BN-folded first (as exported), then every Conv2d/Linear sees its weights
-fake-quantized per output channel (symmetric 7-bit, as models/quantize.py has ONNX Runtime
+fake-quantized per output channel (symmetric 7-bit, as models/compress/quantize.py has ONNX Runtime
 quantize them) and its input fake-quantized per tensor (uint8 over a running min/max, as the
 calibrated activations). After a short fine-tune the fake quantization is removed again; the
 float weights that remain sit where static INT8 quantization rounds them to what training saw.
@@ -19,9 +19,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from models.export import fold_batch_norm
+from models.export.onnx import fold_batch_norm
 
-WEIGHT_LEVELS = 63  # 7-bit weights, as models/quantize.py asks of ONNX Runtime (reduce_range)
+WEIGHT_LEVELS = (
+    63  # 7-bit weights, as models/compress/quantize.py asks of ONNX Runtime (reduce_range)
+)
 FULL_RANGE_LEVELS = 127  # all 8 bits, where the CPU sums INT8 products in 32 bits
 
 
@@ -155,7 +157,7 @@ def distill(
     """
     import torch.nn.functional as F
 
-    from models.pipeline import log
+    from models.publish.pipeline import log
 
     folded: Any = fold_efficientnet(teacher)  # an EfficientNet: its attributes are untyped
     # no stochastic depth or dropout: the student should copy the teacher, not regularise

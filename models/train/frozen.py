@@ -1,8 +1,9 @@
-"""Transfer learning: a new head on an ImageNet-pretrained backbone, then its last layers tuned.
+"""The frozen-feature path (`--fast`): a new head on cached backbone features, then the last
+layers tuned.
 
 The way it is done on CPUs: the backbone's frozen layers see each training image a few times
 (its centre view, as served, and a few augmented views) and their outputs are cached
-(models/features.py). Stage 1 trains a new linear head on the pooled features of every cached
+(models/train/features.py). Stage 1 trains a new linear head on the pooled features of every cached
 view; stage 2 unfreezes the backbone's last `tune_last` layers and trains them with the head at
 a lower learning rate, each epoch on one random cached view per image, starting from the best
 head of stage 1. Batch norm keeps its ImageNet statistics throughout (a few hundred images
@@ -17,7 +18,6 @@ import copy
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,13 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.bundle import InputSpec
-from models import train as training
-from models.augment import ViewConfig, random_view
-from models.features import FrozenFeatures, cache_views
-from models.net import AvgMaxPool
-from models.pipeline import log, progress, quiet_stdout
-
-CHECKPOINT_KIND = "transfer"
+from models.data.views import ViewConfig, random_view
+from models.nets.transfer import TransferNet
+from models.publish.pipeline import log, progress
+from models.train import loop as training
+from models.train.features import FrozenFeatures, cache_views
 
 
 @dataclass
@@ -52,119 +50,6 @@ class FineTuneConfig:
     quiet: bool = False
 
 
-class InvertedResidual(nn.Module):
-    """One EfficientNet-Lite MBConv block, rebuilt from `nn.Sequential` conv-BN-ReLU6 units so
-    that export folds its batch norms and QAT finds its convolutions (models/export.py)."""
-
-    def __init__(self, block: Any) -> None:  # the library's MBConvBlock, untyped
-        super().__init__()
-        if block.has_se:
-            raise ValueError("squeeze-and-excitation blocks are not supported (Lite has none)")
-        args = block._block_args
-        units: list[nn.Module] = []
-        if args.expand_ratio != 1:
-            units.append(nn.Sequential(block._expand_conv, block._bn0, nn.ReLU6()))
-        units.append(nn.Sequential(block._depthwise_conv, block._bn1, nn.ReLU6()))
-        units.append(nn.Sequential(block._project_conv, block._bn2))
-        self.units = nn.Sequential(*units)
-        self.residual = bool(
-            block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.units(x)
-        return out + x if self.residual else out
-
-
-class TransferNet(nn.Module):
-    """An EfficientNet-Lite backbone split into a frozen and a tuned part, and a new head.
-
-    `tune_last` = every layer (`layer_count`) trains the whole network. `pool` "avgmax" feeds
-    the head the global maximum of the features beside their average, so a small local detail
-    is not averaged away over a large frame.
-    """
-
-    def __init__(
-        self, backbone_name: str, labels: list[str], tune_last: int, pool: str = "avg"
-    ) -> None:
-        super().__init__()
-        from models.pretrained import load_backbone
-
-        with quiet_stdout():  # the loader prints a line about the weights
-            backbone = load_backbone(backbone_name)
-        layers = [
-            nn.Sequential(backbone._conv_stem, backbone._bn0, nn.ReLU6()),
-            *(InvertedResidual(block) for block in backbone._blocks),
-            nn.Sequential(backbone._conv_head, backbone._bn1, nn.ReLU6()),
-        ]
-        if not 0 <= tune_last <= len(layers):
-            raise ValueError(f"tune_last must be in [0, {len(layers)}], not {tune_last}")
-        split = len(layers) - tune_last
-        self.backbone_name, self.labels, self.tune_last = backbone_name, list(labels), tune_last
-        self.pool = pool
-        self.frozen = nn.Sequential(*layers[:split])
-        pooling: list[nn.Module] = (
-            [AvgMaxPool()] if pool == "avgmax" else [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        )
-        self.tuned = nn.Sequential(*layers[split:], *pooling)
-        features = backbone._fc.in_features * (2 if pool == "avgmax" else 1)
-        self.classifier = nn.Linear(features, len(labels))
-        for parameter in self.frozen.parameters():
-            parameter.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.tuned(self.frozen(x)))
-
-    def lr_groups(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
-        """Discriminative learning rates: the head at `lr`, the tuned layers from `lr` at the
-        top down to a tenth of it at the first one (early layers hold the most general
-        features and need the least change)."""
-        layers = [m for m in self.tuned if any(True for _ in m.parameters())]
-        groups = [(list(self.classifier.parameters()), lr)]
-        for depth, layer in enumerate(reversed(layers)):
-            factor = EARLY_LAYER_LR ** (depth / max(1, len(layers) - 1))
-            groups.append((list(layer.parameters()), lr * factor))
-        return groups
-
-
-# The first tuned layer's learning rate, as a fraction of the head's
-EARLY_LAYER_LR = 0.1
-
-
-def layer_count(backbone_name: str) -> int:
-    """How many layers `tune_last` can count: the stem, every MBConv block, the head conv."""
-    from models.pretrained import load_backbone
-
-    with quiet_stdout():
-        backbone = load_backbone(backbone_name)
-    return len(backbone._blocks) + 2
-
-
-def save_checkpoint(model: TransferNet, path) -> None:
-    torch.save(
-        {
-            "kind": CHECKPOINT_KIND,
-            "backbone": model.backbone_name,
-            "labels": model.labels,
-            "tune_last": model.tune_last,
-            "pool": model.pool,
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
-
-
-def load_checkpoint(checkpoint: dict) -> TransferNet:
-    model = TransferNet(
-        checkpoint["backbone"],
-        checkpoint["labels"],
-        checkpoint["tune_last"],
-        checkpoint.get("pool", "avg"),
-    )
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
-
-
 @dataclass
 class Cache:
     """Frozen features of the training views and the validation centre views."""
@@ -178,7 +63,7 @@ class Cache:
 def context_images(sources: list, spec: InputSpec) -> np.ndarray:
     """uint8 NHWC images the augmented views are cut from: the region the service's centre
     crop is taken from (crop fraction 1), at the size that crop is resized from."""
-    from models.data import decode_files, stack
+    from models.data.datasets import decode_files, stack
 
     size = round(spec.height / spec.crop_fraction), round(spec.width / spec.crop_fraction)
     context = spec.model_copy(update={"height": size[0], "width": size[1], "crop_fraction": 1.0})
@@ -188,8 +73,8 @@ def context_images(sources: list, spec: InputSpec) -> np.ndarray:
 
 def teacher_logits(model: TransferNet, sources: list) -> np.ndarray:
     """The model's logits for each file, decoded and normalised as the service would."""
-    from models.data import decode_files, stack
-    from models.pretrained import pretrained_spec
+    from models.data.datasets import decode_files, stack
+    from models.nets.pretrained import pretrained_spec
 
     spec = pretrained_spec(model.backbone_name).input_spec()
     images = stack([(path, 0) for path in sources], decode_files(sources, spec))[0]
@@ -394,7 +279,7 @@ def epoch_log(epoch, train_loss, train_accuracy, val_logits, cache: Cache, optim
 def keep_best(best, val_logits: torch.Tensor, cache: Cache, model: nn.Module):
     """(score, weights) of the better of `best` and the model now. The score is validation
     macro-F1, then accuracy: with imbalanced classes, accuracy alone favours the largest."""
-    from models.evaluate import score
+    from models.evaluate.metrics import score
 
     classes = val_logits.shape[1]
     scores = score(cache.val_labels.numpy(), val_logits.argmax(1).numpy(), classes)

@@ -60,6 +60,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return round(math.exp((low + high) / 2), 6)
 
 
+def parse_levels(text: str) -> tuple[float, ...]:
+    """'0.9,0.95' -> (0.9, 0.95); each level strictly between 0 and 1, or ValueError."""
+    levels = set()
+    for part in text.split(","):
+        try:
+            level = float(part)
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a number") from None
+        if not 0 < level < 1:
+            raise ValueError(f"coverage levels must be in (0, 1), not {part.strip()}")
+        levels.add(level)
+    return tuple(sorted(levels))
+
+
 def images_needed(coverage: float) -> int:
     """The fewest calibration images for which the level's quantile is finite."""
     return math.ceil(coverage / (1 - coverage) - 1e-9)

@@ -1,0 +1,1 @@
+"""`blink build` and `blink import`: thin commands over the publish step."""

@@ -1,0 +1,1 @@
+"""Compression: channel pruning, quantization-aware training, static INT8."""

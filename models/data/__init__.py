@@ -1,0 +1,1 @@
+"""Datasets and augmentation: the build's input, decoded as the service decodes."""

@@ -1,0 +1,1 @@
+"""Figures on held-out data: metrics, calibration, speed and the reports."""

@@ -1,0 +1,1 @@
+"""Torch and ONNX: export, parity, and reading an ONNX graph."""

@@ -1,0 +1,1 @@
+"""The networks: the from-scratch CNN and ImageNet-pretrained backbones."""
