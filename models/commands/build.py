@@ -293,7 +293,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
 
     from models.data import datasets
     from models.nets import cnn as nets
-    from models.publish.build_bundle import write_bundle
+    from models.publish.build_bundle import refuse_unsupported_coverage, write_bundle
     from models.train import loop as training
 
     state = BuildState(args=args, argv=argv)
@@ -330,6 +330,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> Path:
             train_set, val_set, cal_set = held_out(args, dataset.train_images, dataset.train_labels)
         except datasets.DatasetError as exc:
             raise BuildError(str(exc)) from exc
+        refuse_unsupported_coverage(state, len(cal_set[1]))
         state.held_out = (val_set, cal_set)
         mean, std = datasets.channel_stats(train_set[0])
         log(
@@ -406,7 +407,7 @@ def build_transfer(state: BuildState) -> Path:
     from models.data import datasets
     from models.nets import transfer
     from models.nets.pretrained import pretrained_spec
-    from models.publish.build_bundle import write_bundle
+    from models.publish.build_bundle import refuse_unsupported_coverage, write_bundle
     from models.train import frozen as finetune
 
     args = state.args
@@ -443,6 +444,7 @@ def build_transfer(state: BuildState) -> Path:
             train_index, val_index, cal_index = validation_split(args, len(dataset.train_labels))
         except datasets.DatasetError as exc:
             raise BuildError(str(exc)) from exc
+        refuse_unsupported_coverage(state, len(cal_index))
         images, labels = dataset.train_images, dataset.train_labels
         train_set = (images[train_index], labels[train_index])
         val_set = (images[val_index], labels[val_index])

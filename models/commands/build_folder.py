@@ -19,7 +19,7 @@ from models.train import candidates as cands
 
 
 def build_folder(state: BuildState) -> Path:
-    from models.publish.build_bundle import write_bundle
+    from models.publish.build_bundle import refuse_unsupported_coverage, write_bundle
 
     args = state.args
     with state.stage("load data"):
@@ -36,6 +36,7 @@ def build_folder(state: BuildState) -> Path:
             indices = state_splits(state, len(dataset.train_labels))
         except datasets.DatasetError as exc:
             raise BuildError(str(exc)) from exc
+        refuse_unsupported_coverage(state, len(indices["calibration"]))
         state.input_note = dataset.input_note
         train_index = indices["train"]
         mean, std = datasets.channel_stats(dataset.train_images[train_index])

@@ -212,16 +212,9 @@ def calibrate_scores(state: BuildState, directory: Path, spec: InputSpec, logits
     assert state.held_out is not None  # the caller checked
     (val_images, val_labels), (cal_images, cal_labels) = state.held_out
     levels = calib.supported_levels(state.coverage, len(cal_labels))
-    if len(levels) < len(state.coverage):
-        missing = sorted(set(state.coverage) - set(levels))
-        needed = calib.images_needed(missing[-1])
-        message = (
-            f"too few images for the calibration split: coverage {missing[-1]} needs at least "
-            f"{needed}, the split holds {len(cal_labels)} (raise --calibration-split or add "
-            "images)"
-        )
-        if getattr(state.args, "coverage_given", False):
-            raise BuildError(message)
+    message = coverage_shortfall(state.coverage, len(cal_labels))
+    if message is not None:
+        refuse_unsupported_coverage(state, len(cal_labels))
         if len(cal_labels):
             log(f"{message}; left out")
             state.notes.append(message + "; left out")
@@ -245,6 +238,28 @@ def calibrate_scores(state: BuildState, directory: Path, spec: InputSpec, logits
         + ", ".join(f"{k}: {v:.3f}" for k, v in result.coverage.items())
     )
     return result
+
+
+def coverage_shortfall(levels: tuple[float, ...], images: int) -> str | None:
+    """Why a calibration split of `images` cannot support every one of `levels`, or None."""
+    from models.evaluate import calibration as calib
+
+    missing = sorted(set(levels) - set(calib.supported_levels(levels, images)))
+    if not missing:
+        return None
+    return (
+        f"too few images for the calibration split: coverage {missing[-1]} needs at least "
+        f"{calib.images_needed(missing[-1])}, the split holds {images} (raise "
+        "--calibration-split or add images)"
+    )
+
+
+def refuse_unsupported_coverage(state: BuildState, images: int) -> None:
+    """A --coverage level asked for by name that the calibration split cannot support is
+    refused; called as soon as the splits are known, before anything trains."""
+    message = coverage_shortfall(state.coverage, images)
+    if message is not None and getattr(state.args, "coverage_given", False):
+        raise BuildError(message)
 
 
 def save_checkpoint(model, path: Path) -> None:
