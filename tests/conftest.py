@@ -133,9 +133,9 @@ def wait_for(url: str, path: str, process: subprocess.Popen, timeout: float) -> 
 
 
 # The unit tier (`pytest -m unit`, under 30 s): one module's logic each (batching policy, V2
-# codec, pre- and postprocessing, bundle checks, metrics parity, the settings table), no build
-# and no load; run it after every change. Marked here, in one list, so the tier is seen in one
-# place.
+# codec, pre- and postprocessing, bundle checks, metrics parity, the settings table, the
+# build's calibration arithmetic), no build and no load; run it after every change. Marked
+# here, in one list, so the tier is seen in one place.
 UNIT_MODULES = frozenset(
     {
         "test_batching",
@@ -146,6 +146,7 @@ UNIT_MODULES = frozenset(
         "test_metrics",
         "test_settings_table",
         "test_lock",
+        "test_calibration_build",
     }
 )
 

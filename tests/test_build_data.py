@@ -307,6 +307,109 @@ def test_folder_errors(tmp_path: Path) -> None:
         data.load("folder", tmp_path / "one", test_split=1.5)
 
 
+def test_folder_size_is_the_images_own_with_the_shorter_side_capped() -> None:
+    """Detail must survive preprocessing: no downsampling below the cap, never enlarged."""
+    cap = data.FOLDER_MAX_SHORT_SIDE
+    assert cap == 320
+    # sizes are (width, height), as Pillow reports them; the answer is (height, width)
+    small, why = data.folder_size([(50, 40), (50, 40), (30, 30)], None)
+    assert small == (40, 50)
+    assert why == (
+        "input 50x40: the most common image size, 50x40 (2 of 3 images), at full resolution"
+    )
+    large, why = data.folder_size([(640, 480)] * 3 + [(100, 100)], None)
+    assert large == (cap, round(640 * cap / 480))  # the aspect ratio kept
+    assert "shorter side capped at 320" in why and "640x480 (3 of 4 images)" in why
+    tall, _ = data.folder_size([(400, 1200)], None)
+    assert tall == (1200 * cap // 400, cap)
+    exact, why = data.folder_size([(320, 500)], None)
+    assert exact == (500, 320) and "at full resolution" in why
+    forced, why = data.folder_size([(640, 480)], 96)
+    assert forced == (96, 96) and why == "input 96x96: --image-size"
+
+
+def test_folder_keeps_full_resolution_and_says_why(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "big" / name).mkdir(parents=True)
+        (tmp_path / "small" / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (360, 480, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "big" / name / f"{i}.png")
+            Image.fromarray(pixels[:60, :70]).save(tmp_path / "small" / name / f"{i}.png")
+    big = data.load("folder", tmp_path / "big")
+    assert big.size == (320, 427) and big.train_images.shape[1:] == (320, 427, 3)
+    assert "shorter side capped at 320" in big.input_note
+    small = data.load("folder", tmp_path / "small")
+    assert small.size == (60, 70)
+    assert "at full resolution" in small.input_note
+    # at full resolution the training pixels are the file's own
+    assert small.train_sources is not None
+    source = np.asarray(Image.open(small.train_sources[0]))
+    np.testing.assert_array_equal(small.train_images[0], source)
+
+
+def test_grey_content_saved_as_rgb_is_one_channel(tmp_path: Path) -> None:
+    """Grey photos saved as RGB (JPEG encoders, screenshot tools) are decoded as grey."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            grey = Image.fromarray(rng.integers(0, 256, (24, 32), dtype=np.uint8), "L")
+            rgb = grey.convert("RGB")
+            assert rgb.mode == "RGB"
+            if i % 2:
+                rgb.save(tmp_path / name / f"{i}.jpg", quality=90)
+            else:
+                rgb.save(tmp_path / name / f"{i}.png")
+    dataset = data.load("folder", tmp_path)
+    assert dataset.color == "L" and dataset.train_images.shape[1:] == (24, 32, 1)
+    assert "colour: grey" in dataset.input_note
+    # one coloured image anywhere keeps the whole folder RGB
+    tinted = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(tinted).save(tmp_path / "b" / "colour.png")
+    assert data.load("folder", tmp_path).color == "RGB"
+
+
+def test_grey_content_tolerates_encoder_noise_only() -> None:
+    grey = np.random.default_rng(0).integers(0, 250, (8, 8, 1), dtype=np.uint8)
+    exact = np.repeat(grey, 3, axis=2)
+    nudged = exact.copy()
+    nudged[..., 2] += data.GREY_TOLERANCE
+    tinted = exact.copy()
+    tinted[0, 0, 1] += data.GREY_TOLERANCE + 1
+    paths = [Path(f"{i}.png") for i in range(3)]
+    assert data.grey_content(dict(zip(paths, [exact, nudged, None], strict=True)))
+    assert not data.grey_content(dict(zip(paths, [exact, nudged, tinted], strict=True)))
+    assert not data.grey_content({})
+    assert not data.grey_content({paths[0]: None})
+
+
+def test_held_out_indices_are_disjoint_complete_and_seeded() -> None:
+    train, val, calibration = data.held_out_indices(200, 0.1, 0.15, seed=4)
+    assert (len(train), len(val), len(calibration)) == (150, 20, 30)
+    joined = np.concatenate([train, val, calibration])
+    assert sorted(joined.tolist()) == list(range(200))  # disjoint, nothing lost
+    for part in (train, val, calibration):
+        assert np.all(np.diff(part) > 0)  # sorted
+    again = data.held_out_indices(200, 0.1, 0.15, seed=4)
+    for mine, theirs in zip((train, val, calibration), again, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    other = data.held_out_indices(200, 0.1, 0.15, seed=5)
+    assert not np.array_equal(other[1], val)
+    # no calibration split: the validation split is the one validation_indices gives
+    train0, val0, calibration0 = data.held_out_indices(200, 0.1, 0.0, seed=4)
+    assert len(calibration0) == 0 and len(val0) == 20
+    for mine, theirs in zip((train0, val0), data.validation_indices(200, 0.1, 4), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    with pytest.raises(data.DatasetError, match="--val-split"):
+        data.held_out_indices(200, 0.0, 0.1, seed=0)
+    with pytest.raises(data.DatasetError, match="--calibration-split"):
+        data.held_out_indices(200, 0.5, 0.5, seed=0)
+    with pytest.raises(data.DatasetError, match="leave none to train on"):
+        data.held_out_indices(2, 0.5, 0.4, seed=0)
+
+
 # --- subsets, splits, statistics ---------------------------------------------------------
 
 

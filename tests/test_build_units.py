@@ -206,3 +206,184 @@ def test_bf16_training_learns() -> None:
     )
     assert history[-1].train_loss < history[0].train_loss
     assert history[-1].val_accuracy > 0.5
+
+
+# --- networks for any input size -----------------------------------------------------------
+
+
+def test_small_inputs_keep_the_small_image_design() -> None:
+    """Up to 64 px: the full-resolution stem and the flattened head, as before the rework
+    (307,378 parameters at 28x28, width 24: the default build's network)."""
+    config = net.for_input(1, 10, 28, 28, channels=24, depth=1)
+    assert (config.stem_stride, config.head) == (1, "flatten")
+    assert net.parameter_count(net.Net(config)) == 307_378
+    edge = net.for_input(3, 4, 64, 80, channels=8, depth=1)
+    assert (edge.stem_stride, edge.head) == (1, "flatten")
+    assert net.Net(edge)(images(2, (3, 64, 80))).shape == (2, 4)
+
+
+def test_larger_inputs_get_a_strided_stem_and_the_avg_max_head() -> None:
+    config = net.for_input(3, 5, 65, 96, channels=8, depth=1)
+    assert (config.stem_stride, config.head) == (2, "avgmax")
+    model = net.Net(config).eval()
+    assert isinstance(model.pool, net.AvgMaxPool)
+    widest = config.stage_widths()[-1]
+    assert model.classifier.in_features == 2 * widest  # average and maximum of each channel
+    assert model(images(2, (3, 65, 96))).shape == (2, 5)
+    # the head is independent of the input size: any frame size runs
+    assert model(images(1, (3, 130, 70))).shape == (1, 5)
+    pooled = net.AvgMaxPool()(torch.arange(8.0).view(1, 2, 2, 2))
+    assert pooled.tolist() == [[1.5, 5.5, 3.0, 7.0]]
+
+
+def test_a_small_mark_near_an_edge_reaches_the_avg_max_head() -> None:
+    """A 3x3 bright patch in a corner of a 96x96 frame changes the pooled maximum, which the
+    average alone would dilute over the whole map."""
+    torch.manual_seed(0)
+    model = net.Net(net.for_input(1, 2, 96, 96, channels=8, depth=1)).eval()
+    plain = torch.zeros(1, 1, 96, 96)
+    marked = plain.clone()
+    marked[..., 1:4, 92:95] = 4.0
+    with torch.no_grad():
+        features = [model.pool(model.features(x)) for x in (plain, marked)]
+        logits = [model(x) for x in (plain, marked)]
+    channels = features[0].shape[1] // 2
+    change = (features[1] - features[0]).abs()[0]
+    average_change, maximum_change = change[:channels].max(), change[channels:].max()
+    assert maximum_change > 0.05
+    assert maximum_change > 8 * average_change  # the average spreads it over the whole map
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
+# --- augmentation, sampling, averaging, schedules ------------------------------------------
+
+
+def test_reflect_padding_never_brings_in_black() -> None:
+    white = torch.full((32, 3, 20, 24), 255, dtype=torch.uint8)
+    reflect = train.TrainConfig(pad=4, pad_mode="reflect", flip=False)
+    assert torch.equal(train.Augment(reflect, torch.Generator().manual_seed(0))(white), white)
+    zero = train.TrainConfig(pad=4, pad_mode="constant", flip=False)
+    assert (train.Augment(zero, torch.Generator().manual_seed(0))(white) == 0).any()
+    # a shifted ramp shows reflected (mirrored) pixels at the border, not zeros
+    ramp = torch.arange(1, 21, dtype=torch.uint8).repeat(8, 1, 20, 1)
+    shifted = train.Augment(reflect, torch.Generator().manual_seed(1))(ramp)
+    assert shifted.min() >= 1 and not torch.equal(shifted, ramp)
+
+
+def test_quarter_turns_and_vertical_flips_keep_the_pixels() -> None:
+    batch = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    config = train.TrainConfig(pad=0, flip=False, vflip=True, rot90=True)
+    out = train.Augment(config, torch.Generator().manual_seed(0))(batch)
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    seen = set()
+    for original, augmented in zip(batch, out, strict=True):
+        variants = [
+            torch.rot90(image, k, (1, 2))
+            for image in (original, original.flip(1))
+            for k in range(4)
+        ]
+        matches = [i for i, v in enumerate(variants) if torch.equal(v, augmented)]
+        assert matches, "every augmented image is a turned and/or flipped original"
+        seen.add(matches[0])
+    assert len(seen) > 4  # several of the eight symmetries were drawn
+    # quarter turns apply to square inputs only: a wide batch keeps its shape
+    wide = torch.randint(0, 256, (8, 1, 12, 20), dtype=torch.uint8)
+    turned = train.Augment(train.TrainConfig(pad=0, flip=False, rot90=True), torch.Generator())
+    assert torch.equal(turned(wide), wide)
+
+
+def test_photometric_changes_stay_uint8_pixels() -> None:
+    batch = torch.randint(20, 236, (32, 3, 16, 16), dtype=torch.uint8)
+    config = train.TrainConfig(pad=0, flip=False, brightness=0.3, contrast=0.3, noise=8.0)
+    out = train.Augment(config, torch.Generator().manual_seed(0))(batch)
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    difference = (out.float() - batch.float()).abs()
+    assert difference.mean() > 2  # changed
+    # brightness and contrast scale whole images: each image's mean moves, not each pixel alone
+    means = out.float().mean((1, 2, 3)) / batch.float().mean((1, 2, 3))
+    assert means.min() < 0.9 and means.max() > 1.1
+    bright = train.TrainConfig(pad=0, flip=False, brightness=0.5)
+    white = torch.full((16, 1, 4, 4), 250, dtype=torch.uint8)
+    assert train.Augment(bright, torch.Generator().manual_seed(0))(white).max() == 255  # clamped
+
+
+def test_balanced_sampling_draws_each_class_about_equally() -> None:
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    generator = torch.Generator().manual_seed(0)
+    order = train.sample_order(labels, True, generator)
+    assert len(order) == len(labels)
+    share = labels[order].float().mean().item()  # the minority class's share of the draws
+    assert 0.44 < share < 0.56
+    plain = train.sample_order(labels, False, generator)
+    assert sorted(plain.tolist()) == list(range(1000))  # a permutation: every image once
+
+
+def test_weight_average_converges_to_a_model_that_stopped_changing() -> None:
+    torch.manual_seed(0)
+    model = net.Net(net.NetConfig(width=4))
+    average = train.WeightAverage(model, decay=0.9)
+    assert all(not p.requires_grad for p in average.model.parameters())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.fill_(0.5)
+                module.num_batches_tracked.fill_(7)
+    average.update(model)
+    first = next(average.model.parameters())
+    start = next(model.parameters())
+    assert torch.allclose(first, start - 0.9, atol=1e-5)  # one step: 10% of the way
+    for _ in range(300):
+        average.update(model)
+    for mine, theirs in zip(
+        average.model.state_dict().values(), model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    x = images(2)
+    torch.testing.assert_close(average.model(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_epochs_within_a_budget() -> None:
+    assert train.epochs_within(None, 10, 5.0) == 10
+    assert train.epochs_within(100.0, 10, 30.0) == 3
+    assert train.epochs_within(1000.0, 10, 1.0) == 10  # never more than asked
+    assert train.epochs_within(10.0, 10, 30.0) == 1  # at least one
+    assert train.epochs_within(100.0, 10, 0.0) == 10
+
+
+def test_selection_score_ignores_classes_nobody_saw() -> None:
+    """A small validation split may lack a class: macro-F1 over the classes in its labels or
+    its predictions, so a perfect model scores 1, and a class predicted wrongly still counts."""
+    labels = torch.tensor([0, 0, 1, 1])
+    perfect = torch.nn.functional.one_hot(labels, 4).float()
+    assert train.selection_score(perfect, labels) == (1.0, 1.0)
+    wrong = perfect.clone()
+    wrong[3] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # a class absent from the labels, predicted
+    f1, accuracy = train.selection_score(wrong, labels)
+    assert accuracy == 0.75
+    # class 0: F1 1; class 1: precision 1, recall 1/2 -> 2/3; class 3: 0; class 2 left out
+    assert f1 == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def test_candidates_share_the_budget_and_the_best_on_validation_is_chosen() -> None:
+    from app.bundle import InputSpec
+    from models.train import candidates as cands
+
+    assert cands.shares(["scratch"], 100.0) == {"scratch": 100.0}
+    assert cands.shares(["scratch", "a", "b"], 100.0) == pytest.approx(
+        {"scratch": 40.0, "a": 30.0, "b": 30.0}
+    )
+    assert cands.shares(["a", "b"], 100.0) == {"a": 50.0, "b": 50.0}
+    spec = InputSpec(height=8, width=8, channels=1, color="L", mean=[0.5], std=[0.5])
+
+    def trained(name: str, f1: float, accuracy: float, model: object = "net") -> cands.Trained:
+        result = cands.Trained(name=name, spec=spec, model=model)
+        result.val_macro_f1, result.val_accuracy = f1, accuracy
+        return result
+
+    first, tie, skipped = trained("a", 0.9, 0.9), trained("b", 0.9, 0.9), trained("c", 1, 1, None)
+    assert cands.chosen([first, tie, skipped]) is first  # ties: the cheaper, tried first
+    better = trained("d", 0.9, 0.95)
+    assert cands.chosen([first, better]) is better  # then accuracy
+    assert cands.chosen([trained("e", 0.95, 0.5), better]).name == "e"  # macro-F1 first
