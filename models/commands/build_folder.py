@@ -76,18 +76,16 @@ def build_folder(state: BuildState) -> Path:
     for result in results:
         if result.history:
             state.histories[result.name] = result.history
-    state.network = network_record(best, recipe)
+    state.network = network_record(best)
     state.training = {
         "candidates": names,
         "chosen": best.name,
         "budget_minutes": args.budget,
         "recipe": vars(recipe),
     }
-    args.epochs, args.lr = (
-        best.epochs,
-        recipe.scratch_lr if best.name == cands.SCRATCH else (recipe.fine_tune_lr),
-    )
-    args.batch_size = recipe.batch_size
+    # what a quantization-aware fallback fine-tunes with
+    args.epochs, args.batch_size = best.epochs, recipe.batch_size
+    args.lr = recipe.scratch_lr if best.name == cands.SCRATCH else recipe.fine_tune_lr
     state.held_out = (best.splits["val"], best.splits["calibration"])
     log(
         f"chosen: {best.name} (validation macro-F1 {best.val_macro_f1:.4f}, "
@@ -215,7 +213,7 @@ def batch1_ms(result: cands.Trained) -> float:
     return figures["fp32"]["batch1_latency_ms"]
 
 
-def network_record(best: cands.Trained, recipe: cands.Recipe) -> dict[str, object]:
+def network_record(best: cands.Trained) -> dict[str, object]:
     if best.name == cands.SCRATCH:
         config = best.model.config
         return {

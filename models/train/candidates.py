@@ -200,7 +200,7 @@ def run_candidates(
     results: list[Trained] = []
     allowance = shares(names, budget_s)
     started = time.perf_counter()
-    for name in names:
+    for position, name in enumerate(names):
         spec = scratch_spec if name == SCRATCH else backbone_spec(name, scratch_spec)
         result = Trained(name=name, spec=spec)
         results.append(result)
@@ -211,8 +211,10 @@ def run_candidates(
         if name != SCRATCH and min(spec.height, spec.width) < BACKBONE_MIN_SIDE:
             result.skipped = f"not tried: inputs under {BACKBONE_MIN_SIDE} px are too small"
             continue
+        # its own share, and what the candidates before it left unused
         left = budget_s - (time.perf_counter() - started)
-        share = min(left, allowance[name] + max(0.0, left - sum(allowance.values())))
+        still_to_come = sum(allowance[n] for n in names[position:])
+        share = min(left, allowance[name] + max(0.0, left - still_to_come))
         splits = images_for(spec)
         torch.manual_seed(seed)
         model = network(name, spec, labels, recipe)
