@@ -353,3 +353,37 @@ def test_calibration_batches_are_equal_for_any_image_count(count):
     while (batch := reader.get_next()) is not None:
         sizes.append(len(batch["input"]))
     assert sum(sizes) == count and len(set(sizes)) == 1 and sizes[0] <= 64
+
+
+def write_eval_folder(folder: Path, source: Path, tmp_path: Path, workspace: Path, capsys):
+    """The workspace's images filed under the class the model answers for each."""
+    images = [p.read_bytes() for p in sorted((workspace / "calibration").rglob("*.*"))]
+    spec = load_spec_for(source, tmp_path, workspace, capsys)
+    answers = predictions(source, spec, images).argmax(1)
+    for i, (data, answer) in enumerate(zip(images, answers, strict=True)):
+        (folder / LABELS[answer]).mkdir(parents=True, exist_ok=True)
+        (folder / LABELS[answer] / f"{i}.png").write_bytes(data)
+
+
+def test_eval_images_calibrate_scores_and_prediction_sets(tmp_path, workspace, capsys):
+    """A quarter of the --eval images fits the temperature, a quarter the thresholds of the
+    levels asked for, and the rest measures them; a level too many for the split is refused."""
+    source = save(classifier(), tmp_path, "calibrated")
+    write_eval_folder(tmp_path / "eval", source, tmp_path, workspace, capsys)
+    common = ["--labels", workspace / "labels.txt", "--eval", tmp_path / "eval"]
+    common += ["--out", tmp_path / "repo"]
+    status, err = import_model(capsys, source, *common, "--coverage", "0.5,0.6")
+    assert status == 0, err
+    calibration = imported(tmp_path / "repo", "calibrated").manifest.calibration
+    assert calibration is not None and calibration.temperature > 0
+    assert sorted(calibration.thresholds) == ["0.5", "0.6"]
+    assert set(calibration.coverage) == {"0.5", "0.6"}
+    assert all(0 <= value <= 1 for value in calibration.coverage.values())
+    assert "--eval images, fp32 outputs" in calibration.split
+    status, err = import_model(capsys, source, *common, "--coverage", "0.99", "--version", "v2")
+    assert status == 2 and "too few --eval images for the calibration split" in err
+    status, err = import_model(
+        capsys, source, "--labels", workspace / "labels.txt", "--coverage", "0.9",
+        "--out", tmp_path / "repo",
+    )  # fmt: skip
+    assert status == 2 and "--coverage needs --eval DIR" in err

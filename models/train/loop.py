@@ -129,9 +129,10 @@ class Augment:
     """Label-preserving changes to a uint8 NCHW batch: a random shift (zero or reflected
     padding), flips, quarter turns, brightness and contrast, pixel noise, random erasing.
 
-    Each is off unless configured; none of them removes a part of the frame, so a small detail
-    that decides a label is still in every augmented image (random erasing aside, an option
-    for centred objects).
+    Each is off unless configured. Only the shift moves anything out of the frame, at most `pad`
+    pixels at one edge (a folder build's is 3% of the shorter side), so a small detail that
+    decides a label stays in nearly every augmented image; random erasing, which can hide it,
+    is an option for centred objects.
     """
 
     def __init__(self, config: TrainConfig, generator: torch.Generator) -> None:
