@@ -181,6 +181,36 @@ def test_whole_network_fine_tune_steps_with_discriminative_rates(tmp_path: Path)
         assert trained(torch.zeros(2, 3, 64, 64)).shape == (2, len(COLOURS))
 
 
+def test_frozen_batch_norm_keeps_its_statistics_while_the_weights_learn() -> None:
+    """--batch-norm frozen: training mode leaves every batch norm in eval mode, so a training
+    forward pass uses and keeps ImageNet's statistics; "train" re-estimates them."""
+    pretrained = pytest.importorskip("models.nets.pretrained")
+    try:
+        pretrained.weights_path("efficientnet-lite0")
+    except pretrained.PretrainedUnavailable:
+        pytest.skip("needs the 'pretrained' extra (efficientnet-lite0 weights)")
+    import torch
+    from torch import nn
+
+    from models.nets import transfer
+
+    everything = transfer.layer_count("efficientnet-lite0")
+    batch = torch.randn(2, 3, 32, 32) * 3 + 1
+    statistics = {}
+    for mode in ("train", "frozen"):
+        model = transfer.TransferNet("efficientnet-lite0", ["a", "b"], everything, pool="avgmax")
+        model.batch_norm = mode
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        before = [n.running_mean.clone() for n in norms]
+        model.train()
+        assert model.training and all(n.training == (mode == "train") for n in norms)
+        model(batch)
+        statistics[mode] = [
+            torch.equal(n.running_mean, old) for n, old in zip(norms, before, strict=True)
+        ]
+    assert all(statistics["frozen"]) and not any(statistics["train"])
+
+
 # --- a tiny folder built end to end ----------------------------------------------------------
 
 

@@ -102,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
         "--noise", type=float, default=0.0, help="Gaussian pixel noise (0..255 units) to augment"
     )
     cand.add_argument(
+        "--batch-norm",
+        choices=["train", "frozen"],
+        default="train",
+        help="a fine-tuned backbone's batch norm: statistics re-estimated on the photos as it "
+        "trains, or ImageNet's kept",
+    )
+    cand.add_argument(
         "--coverage",
         help="coverage levels of the prediction sets, comma-separated "
         "(default 0.9,0.95,0.99: those the calibration split can support)",

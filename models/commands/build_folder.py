@@ -124,7 +124,9 @@ def candidate_names(args) -> list[str]:
 
 def recipe_from(args) -> cands.Recipe:
     """The default recipe, with what the command line changed."""
-    recipe = cands.Recipe(rot90=args.rot90, vflip=args.vflip, noise=args.noise)
+    recipe = cands.Recipe(
+        rot90=args.rot90, vflip=args.vflip, noise=args.noise, batch_norm=args.batch_norm
+    )
     recipe.flip = not args.no_flip
     if args.epochs:
         recipe.epochs = args.epochs

@@ -182,13 +182,13 @@ def markdown(manifest: Manifest, state: BuildState, dataset: Dataset, served: st
         "",
         f"Built {manifest.created} by `blink build {' '.join(state.argv)}`.",
         f"Dataset **{dataset.name}**: {provenance['dataset']['train_images']} training images "
-        f"({provenance['dataset']['val_split']:.0%} of them held out for validation) and "
+        f"({held_out_phrase(provenance)}) and "
         f"{provenance['dataset']['test_images']} test images, {dataset.size[0]}x{dataset.size[1]}"
         f" {dataset.color}, {len(manifest.labels)} classes (sha256 "
         f"`{provenance['dataset']['sha256'][:16]}...`).",
         f"Network: {provenance.get('params', '?')} parameters, {network_line(state)} in "
         f"{provenance['training']['precision']}, seed {state.args.seed}.",
-        *([f"Input: {state.input_note}."] if state.input_note else []),
+        *([f"{state.input_note[:1].upper()}{state.input_note[1:]}."] if state.input_note else []),
         *skipped_lines(provenance["dataset"]),
         *[f"Note: {note}." for note in state.notes],
         "",
@@ -338,6 +338,17 @@ def candidate_lines(state: BuildState) -> list[str]:
             f"| {'**chosen**' if row['chosen'] else ''} |"
         )
     return lines
+
+
+def held_out_phrase(provenance: dict) -> str:
+    """How much of the training data the build held out, and for what."""
+    training = provenance.get("training", {})
+    val = training.get("val_split", provenance["dataset"]["val_split"])
+    calibration = training.get("calibration_split", 0)
+    phrase = f"{val:.0%} of them held out for validation"
+    if calibration:
+        phrase += f", {calibration:.0%} for calibration"
+    return phrase
 
 
 def network_line(state: BuildState) -> str:

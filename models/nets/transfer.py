@@ -74,9 +74,20 @@ class TransferNet(nn.Module):
         self.classifier = nn.Linear(features, len(labels))
         for parameter in self.frozen.parameters():
             parameter.requires_grad_(False)
+        # "train": batch norm re-estimates its statistics on the photos as the network trains;
+        # "frozen": it keeps ImageNet's (the weights still learn)
+        self.batch_norm = "train"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.tuned(self.frozen(x)))
+
+    def train(self, mode: bool = True) -> TransferNet:
+        super().train(mode)
+        if mode and self.batch_norm == "frozen":
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
 
     def lr_groups(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
         """Discriminative learning rates: the head at `lr`, the tuned layers from `lr` at the

@@ -49,6 +49,7 @@ class Recipe:
     brightness: float = 0.1
     contrast: float = 0.1
     noise: float = 0.0
+    batch_norm: str = "train"  # a backbone's batch norm: re-estimated ("train") or "frozen"
     width: int = 16
     depth: int = 1
 
@@ -157,7 +158,9 @@ def network(name: str, spec: InputSpec, labels: list[str], recipe: Recipe):
             depth=recipe.depth,
         )
         return nets.Net(config)
-    return transfer.TransferNet(name, labels, transfer.layer_count(name), pool="avgmax")
+    model = transfer.TransferNet(name, labels, transfer.layer_count(name), pool="avgmax")
+    model.batch_norm = recipe.batch_norm
+    return model
 
 
 def backbone_spec(name: str, scratch_spec: InputSpec) -> InputSpec:
