@@ -30,7 +30,7 @@ CONFIGS = {
     "default": [],
     "scratch": ["--candidates", "scratch"],
     "lite0-whole": ["--pretrained", "efficientnet-lite0"],
-    "lite0-whole-frozen-bn": ["--pretrained", "efficientnet-lite0", "--batch-norm", "frozen"],
+    "lite0-whole-bn-train": ["--pretrained", "efficientnet-lite0", "--batch-norm", "train"],
     "lite0-fast": ["--fast"],
 }
 

@@ -266,7 +266,7 @@ def test_folder_build_report_has_candidates_and_calibration(folder_build: Path) 
     assert "48x40 RGB" in row and "**chosen**" in row
     assert "## Calibration and prediction sets" in report
     assert "| 50% |" in report and "| 80% |" in report
-    assert "input 48x40: the most common image size" in report
+    assert "Input 48x40: the most common image size" in report
     raw = json.loads((folder_build / "manifest.json").read_text())
     assert set(raw["calibration"]["thresholds"]) == {"0.5", "0.8"}
 

@@ -103,10 +103,10 @@ def parser() -> argparse.ArgumentParser:
     )
     cand.add_argument(
         "--batch-norm",
-        choices=["train", "frozen"],
-        default="train",
-        help="a fine-tuned backbone's batch norm: statistics re-estimated on the photos as it "
-        "trains, or ImageNet's kept",
+        choices=["frozen", "train"],
+        default="frozen",
+        help="a fine-tuned backbone's batch norm: ImageNet's statistics kept (default), or "
+        "re-estimated on the photos as it trains",
     )
     cand.add_argument(
         "--coverage",

@@ -49,7 +49,10 @@ class Recipe:
     brightness: float = 0.1
     contrast: float = 0.1
     noise: float = 0.0
-    batch_norm: str = "train"  # a backbone's batch norm: re-estimated ("train") or "frozen"
+    # a backbone's batch norm keeps ImageNet's statistics ("frozen"), or re-estimates them on
+    # the photos ("train"): batches of 32 from a few thousand photos estimate them worse
+    # (docs/transfer-learning.md measures both)
+    batch_norm: str = "frozen"
     width: int = 16
     depth: int = 1
 
