@@ -206,18 +206,17 @@ def calibrate_scores(state: BuildState, directory: Path, spec: InputSpec, logits
     """The manifest's `calibration`, fitted on the served variant's outputs: the temperature
     on the validation split, the conformal thresholds on the calibration split, the figures
     on the test split. None when there is no calibration split; levels it is too small for
-    are left out, or refused when asked for by name."""
+    are left out (one asked for by name was refused when the splits were made:
+    `refuse_unsupported_coverage`)."""
     from models.evaluate import calibration as calib
 
     assert state.held_out is not None  # the caller checked
     (val_images, val_labels), (cal_images, cal_labels) = state.held_out
     levels = calib.supported_levels(state.coverage, len(cal_labels))
     message = coverage_shortfall(state.coverage, len(cal_labels))
-    if message is not None:
-        refuse_unsupported_coverage(state, len(cal_labels))
-        if len(cal_labels):
-            log(f"{message}; left out")
-            state.notes.append(message + "; left out")
+    if message is not None and len(cal_labels):
+        log(f"{message}; left out")
+        state.notes.append(message + "; left out")
     if not levels:
         return None
     bundle = load_bundle(directory)
