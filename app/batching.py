@@ -29,8 +29,8 @@ from typing import Any, Protocol, overload
 
 import numpy as np
 
-from app.admission import QUEUE_FULL, DrainRate, retry_after_s
-from app.errors import DeadlineExceeded, Overloaded
+from app.drain import DrainRate, retry_after_s
+from app.errors import QUEUE_FULL, DeadlineExceeded, Overloaded
 
 BatchFn = Callable[[np.ndarray], np.ndarray]
 GoneProbe = Callable[[], bool]

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 SETTINGS_FLAGS = {
     "model": "BLINK_MODEL",
+    "repository": "BLINK_REPOSITORY",
+    "default_model": "BLINK_DEFAULT_MODEL",
     "host": "BLINK_HOST",
     "port": "BLINK_PORT",
     "workers": "BLINK_WORKERS",
@@ -40,7 +42,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"blink: invalid settings: {exc}", file=sys.stderr)
         return 2
     try:  # fail here, with one clear line, rather than inside every worker
-        check_bundle(settings)
+        if settings.repository is None:
+            check_bundle(settings)
+        elif not settings.repository.is_dir():
+            raise BundleError(f"model repository not found: {settings.repository} is no directory")
     except (BundleError, EngineError) as exc:
         print(f"blink: cannot serve: {exc}", file=sys.stderr)
         return 2
@@ -134,8 +139,13 @@ def parser() -> argparse.ArgumentParser:
 
     root = argparse.ArgumentParser(prog="blink", description="Blink image classification service")
     commands = root.add_subparsers(dest="command")
-    run = commands.add_parser("serve", help="serve a model bundle over HTTP")
-    run.add_argument("--model", type=Path, help="bundle directory or <repository>/<name>")
+    run = commands.add_parser("serve", help="serve a model bundle (or a repository) over HTTP")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, help="bundle directory or <repository>/<name>")
+    source.add_argument(
+        "--repository", type=Path, help="serve every <repository>/<name> bundle (at `latest`)"
+    )
+    run.add_argument("--default-model", help="the model POST /classify answers with")
     run.add_argument("--host")
     run.add_argument("--port", type=int)
     run.add_argument("--workers", type=int)

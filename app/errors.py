@@ -35,6 +35,10 @@ class UnsupportedMediaType(BlinkError):
     status, code = 415, "unsupported_media_type"
 
 
+class ModelNotFound(BlinkError):
+    status, code = 404, "model_not_found"
+
+
 class InvalidParameter(BlinkError):
     status, code = 422, "invalid_parameter"
 
@@ -60,6 +64,8 @@ class Overloaded(BlinkError):
         )
 
 
+# The limits an overload answer names (app/admission.py decides them).
+QUEUE_FULL, CONCURRENCY, DEADLINE_UNMEETABLE = "queue_full", "concurrency", "deadline_unmeetable"
 OVERLOAD_MESSAGES = {
     "queue_full": "the batching queue is full",
     "concurrency": "too many requests in progress",

@@ -18,13 +18,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import BlinkError, InvalidParameter, error_body
 from app.metrics import ServiceMetrics, mark_worker_exit
 from app.openapi import build_openapi
-from app.reload import ModelHost
+from app.registry import ModelRegistry
 from app.routes import admin, health, metrics, models, page
-from app.routes.classify import ROUTE as CLASSIFY_ROUTE
-from app.routes.classify import ClassifyRoute, classify
-from app.service import ModelService
+from app.routes.classify import ClassifyRoute, classify, classify_named, no_model
 from app.settings import Settings, get_settings
-from app.v2.routes import INFER_ROUTE, infer_asgi
+from app.v2.routes import infer_asgi
 from app.v2.routes import router as v2_router
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -44,28 +42,20 @@ def package_version() -> str:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    metrics = ServiceMetrics()
-    # Declared at zero, so that rate() sees the first requests after a start, not only later ones.
-    for route in (CLASSIFY_ROUTE, INFER_ROUTE):
-        metrics.request_duration.labels(route)
-        metrics.requests.labels(route, "200")
-    settings = app.state.settings
-    host = app.state.host = ModelHost(app.state, settings, metrics)
-    # app.state.service: the version each request takes at arrival. No other reference here, so
-    # that a reload can free it.
-    host.install(ModelService(settings, metrics))
-    warm_up = asyncio.create_task(host.current.warm_up())
-    if settings.workers > 1:
+    registry: ModelRegistry = app.state.registry
+    registry.open(ServiceMetrics())
+    warm_up = asyncio.create_task(registry.warm_up())
+    if app.state.settings.workers > 1:
         # A worker takes connections only once warm, so one that replaces a dead worker (or a
         # rolling restart's) never answers "not ready" while the others could serve.
         await warm_up
     # Alone, accept connections at once (liveness), report ready only after warm-up.
-    host.start()
+    registry.start()
     try:
         yield
     finally:
         warm_up.cancel()
-        await host.close()
+        await registry.close()
         mark_worker_exit()
 
 
@@ -110,6 +100,7 @@ class BlinkApp:
     def __init__(self, api: FastAPI) -> None:
         self.api = api
         self.state = api.state
+        self.registry: ModelRegistry = api.state.registry
         self._entry: ASGIApp = self._route
 
     def add_middleware(self, middleware_class: Any, *args: Any, **kwargs: Any) -> None:
@@ -124,11 +115,15 @@ class BlinkApp:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            if scope["path"] == "/classify":
-                return await classify(self.state.service, scope, receive, send)
-            if scope["path"].startswith("/v2/") and await infer_asgi(
-                self.state.service, scope, receive, send
-            ):
+            path = scope["path"]
+            if path == "/classify":
+                host = self.registry.default
+                if host is None:
+                    return await no_model(self.registry.no_default_message(), send)
+                return await classify(host.current, scope, receive, send)
+            if path.startswith("/models/") and path.endswith("/classify"):
+                return await classify_named(self.registry, path[8:-9], scope, receive, send)
+            if path.startswith("/v2/") and await infer_asgi(self.registry, scope, receive, send):
                 return None
         elif scope["type"] == "lifespan" and self.api.user_middleware:
             return await refuse_to_start(receive, send)
@@ -160,7 +155,16 @@ def create_app(settings: Settings | None = None) -> BlinkApp:
         },
     )
     app.state.settings = settings or get_settings()
+    app.state.registry = ModelRegistry(app.state.settings)
     app.router.routes.append(Route("/classify", ClassifyRoute(), methods=["POST"], name="classify"))
+    app.router.routes.append(
+        Route(
+            "/models/{model_name}/classify",
+            ClassifyRoute(),
+            methods=["POST"],
+            name="classify_model",
+        )
+    )
     for router in (page.router, health.router, models.router, metrics.router):
         app.include_router(router)
     if app.state.settings.admin_token:  # off unless the operator set a token

@@ -44,6 +44,9 @@ REJECTION_REASONS = (
     "cancelled",
 )
 RELOAD_RESULTS = ("success", "unchanged", "load_failed", "warm_up_failed")
+CACHE_RESULTS = ("hit", "miss", "coalesced", "bypass")
+# The hot routes, declared at zero per model (the request label of every model route).
+DECLARED_ROUTES = ("/classify", "/v2/models/{name}/infer")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # `*_created` gauges double the series count, exist only in single-process mode, and the text
@@ -89,77 +92,91 @@ class ServiceMetrics:
         reg = self.registry
         self.request_duration = BisectHistogram(
             "blink_request_duration_seconds",
-            "End-to-end time from request arrival to response, per route.",
-            ["route"],
+            "End-to-end time from request arrival to response, per model and route.",
+            ["model", "route"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.decode_duration = BisectHistogram(
             "blink_decode_duration_seconds",
             "Time to decode and preprocess one image.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.queue_wait = BisectHistogram(
             "blink_queue_wait_seconds",
             "Time a request waited in the batching queue before its batch started.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.inference_duration = BisectHistogram(
             "blink_inference_duration_seconds",
             "ONNX Runtime time per batch.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.batch_size = BisectHistogram(
             "blink_batch_size",
             "Images per batch sent to the engine.",
+            ["model"],
             buckets=BATCH_SIZE_BUCKETS,
             registry=reg,
         )
         self.engine_busy = Counter(
             "blink_engine_busy_seconds",
             "Seconds engine slots spent running batches; its rate per slot is the saturation.",
+            ["model"],
             registry=reg,
         )
         self.requests = Counter(
             "blink_requests",
-            "Requests answered, by route and HTTP status.",
-            ["route", "status"],
+            "Requests answered, by model, route and HTTP status.",
+            ["model", "route", "status"],
             registry=reg,
         )
         self.rejections = Counter(
             "blink_rejections",
-            "Requests refused or dropped before inference, by reason.",
-            ["reason"],
+            "Requests refused or dropped before inference, by model and reason.",
+            ["model", "reason"],
             registry=reg,
         )
-        # labels() takes a lock and builds a key: refusing under load must stay cheap
-        self._rejected = {reason: self.rejections.labels(reason) for reason in REJECTION_REASONS}
         self.queue_depth = Gauge(
             "blink_queue_depth",
             "Images waiting in the batching queue.",
+            ["model"],
             registry=reg,
             multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
             "blink_requests_in_flight",
             "Requests being processed.",
+            ["model"],
             registry=reg,
             multiprocess_mode="livesum",
         )
         self.engine_slots = Gauge(
             "blink_engine_slots",
             "Engine slots (batches that may run at once).",
+            ["model"],
             registry=reg,
             multiprocess_mode="livesum",
         )
-        # Set by the service once warm-up succeeds, for alerting. With several workers the lowest
-        # wins, so one cold worker reads as not ready; /readyz counts them (ready_workers).
+        # Set by each model's service once its warm-up succeeds, for alerting. With several
+        # workers the lowest wins, so one cold worker reads as not ready.
         self.ready = Gauge(
             "blink_ready",
-            "1 once the model is loaded and warmed up (GET /readyz answers 200), else 0.",
+            "1 once the model is loaded and warmed up, else 0 (still warming up, or it failed).",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        # The process as a whole (GET /readyz's rule): /readyz counts the workers at 1.
+        self.worker_ready = Gauge(
+            "blink_worker_ready",
+            "1 while this worker answers GET /readyz with 200, else 0.",
             registry=reg,
             multiprocess_mode="livemin",
         )
@@ -182,32 +199,143 @@ class ServiceMetrics:
         )
         self.reloads = Counter(
             "blink_model_reloads",
-            "Reload attempts by result: success (swapped in), unchanged (already serving it), "
-            "load_failed or warm_up_failed (the serving version stays).",
-            ["result"],
+            "Reload and load attempts by model and result: success (swapped in or added), "
+            "unchanged (already serving it), load_failed or warm_up_failed (the serving "
+            "version, if any, stays).",
+            ["model", "result"],
             registry=reg,
         )
-        for result in RELOAD_RESULTS:
-            self.reloads.labels(result)
+        self.cache_lookups = Counter(
+            "blink_cache_lookups",
+            "Response cache lookups by model and result: hit (answered from the cache), "
+            "miss (computed and stored), coalesced (answered by an identical request in "
+            "progress), bypass (Cache-Control: no-cache or no-store).",
+            ["model", "result"],
+            registry=reg,
+        )
+        self.cache_evictions = Counter(
+            "blink_cache_evictions",
+            "Answers evicted from the response cache to stay within BLINK_CACHE_BYTES.",
+            registry=reg,
+        )
+        self.cache_bytes = Gauge(
+            "blink_cache_bytes",
+            "Bytes held by the response cache (answers and keys), per worker.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.cache_entries = Gauge(
+            "blink_cache_entries",
+            "Answers held by the response cache, per worker.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         if reg is not None:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
-        # labels() takes a lock and builds a key on every call: keep each route's children.
-        self._answered: dict[tuple[str, int], tuple[Counter, BisectHistogram]] = {}
+        self._models: dict[str, ModelMetrics] = {}
 
-    def request_answered(self, route: str, status: int, seconds: float) -> None:
+    def for_model(self, name: str) -> ModelMetrics:
+        """The series of one model (made once, declared at zero); kept across its reloads."""
+        metrics = self._models.get(name)
+        if metrics is None:
+            metrics = self._models[name] = ModelMetrics(self, name)
+        return metrics
+
+    def forget_model(self, name: str) -> None:
+        """Drop every series of a model that is no longer served (single process; a worker's
+        multiprocess files keep theirs until it exits)."""
+        metrics = self._models.pop(name, None)
+        if metrics is None or self.multiprocess:
+            return
+        for family in MODEL_FAMILIES:
+            family_metric = getattr(self, family)
+            # prometheus_client has no public listing of a family's children
+            for labels in list(family_metric._metrics):
+                if labels[0] == name:
+                    family_metric.remove(*labels)
+
+    def exposition(self) -> bytes:
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+# The families with a `model` label first: what forget_model removes.
+MODEL_FAMILIES = (
+    "request_duration",
+    "requests",
+    "rejections",
+    "decode_duration",
+    "queue_wait",
+    "inference_duration",
+    "batch_size",
+    "engine_busy",
+    "queue_depth",
+    "in_flight",
+    "engine_slots",
+    "ready",
+    "reloads",
+    "cache_lookups",
+)
+
+
+class ModelMetrics:
+    """One model's children of the service's families, bound once.
+
+    `labels()` takes a lock and builds a key on every call: the request path uses these.
+    """
+
+    def __init__(self, metrics: ServiceMetrics, name: str) -> None:
+        self.family = metrics
+        self.name = name
+        self.multiprocess = metrics.multiprocess
+        self.decode_duration = metrics.decode_duration.labels(name)
+        self.queue_wait = metrics.queue_wait.labels(name)
+        self.inference_duration = metrics.inference_duration.labels(name)
+        self.batch_size = metrics.batch_size.labels(name)
+        self.engine_busy = metrics.engine_busy.labels(name)
+        self.queue_depth = metrics.queue_depth.labels(name)
+        self.in_flight = metrics.in_flight.labels(name)
+        self.engine_slots = metrics.engine_slots.labels(name)
+        self.ready = metrics.ready.labels(name)
+        self.model_info = metrics.model_info
+        self.worker_model = metrics.worker_model
+        self._rejected = {
+            reason: metrics.rejections.labels(name, reason) for reason in REJECTION_REASONS
+        }
+        self._reloads = {result: metrics.reloads.labels(name, result) for result in RELOAD_RESULTS}
+        self.cache = {
+            result: metrics.cache_lookups.labels(name, result) for result in CACHE_RESULTS
+        }
+        self._answered: dict[tuple[str, int], tuple[Counter, BisectHistogram]] = {}
+        # Declared at zero, so that rate() sees the first requests after a start.
+        for route in DECLARED_ROUTES:
+            self.answered_children(route, 200)
+
+    def answered_children(self, route: str, status: int) -> tuple[Counter, BisectHistogram]:
         children = self._answered.get((route, status))
         if children is None:
+            family = self.family
             children = (
-                self.requests.labels(route, str(status)),
-                self.request_duration.labels(route),
+                family.requests.labels(self.name, route, str(status)),
+                family.request_duration.labels(self.name, route),
             )
             self._answered[route, status] = children
+        return children
+
+    def request_answered(self, route: str, status: int, seconds: float) -> None:
+        children = self._answered.get((route, status)) or self.answered_children(route, status)
         children[0].inc()
         children[1].observe(seconds)
 
     def rejected(self, reason: str) -> None:
         self._rejected[reason].inc()
+
+    def reloaded(self, result: str) -> None:
+        self._reloads[result].inc()
 
     def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> bool:
         """Read the two live gauges from these functions at each scrape, where that is possible.
@@ -231,16 +359,9 @@ class ServiceMetrics:
         self.inference_duration.observe(inference_s)
         self.engine_busy.inc(inference_s)
 
-    def exposition(self) -> bytes:
-        if self.registry is not None:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-
 
 def ready_workers() -> int:
-    """Live worker processes whose `blink_ready` is 1 (multiprocess mode only).
+    """Live worker processes whose `blink_worker_ready` is 1 (multiprocess mode only).
 
     Each worker warms up on its own, so one that is ready says little about the others. Files of
     a process that died without cleaning up (SIGKILL) are skipped: a stale 1 would count a worker
@@ -251,7 +372,7 @@ def ready_workers() -> int:
         if not process_alive(int(path.stem.rsplit("_", 1)[1])):
             continue
         for metric in multiprocess.MultiProcessCollector.merge([str(path)], accumulate=False):
-            if metric.name == "blink_ready":
+            if metric.name == "blink_worker_ready":
                 count += any(sample.value == 1 for sample in metric.samples)
     return count
 

@@ -1,16 +1,18 @@
 """Model reload without a restart: a new version is loaded, verified and warmed up beside the
 serving one, then swapped in with one assignment.
 
-`app.state.service` is the serving `ModelService`. Every request reads it once, at arrival, and
-keeps that object to its end, so requests in flight finish on the version they started on; the
-replaced version stops taking requests at the swap, drains its queue and closes. A version that
-fails to load (manifest, hashes, ONNX Runtime) or to warm up is logged, counted in
-`blink_model_reloads_total{result}` and dropped; the serving one never stops.
+One `ModelHost` per served model. `host.current` is its serving `ModelService`. Every request
+reads it once, at arrival, and keeps that object to its end, so requests in flight finish on the
+version they started on; the replaced version stops taking requests at the swap, drains its
+queue and closes. A version that fails to load (manifest, hashes, ONNX Runtime) or to warm up is
+logged, counted in `blink_model_reloads_total{model,result}` and dropped; the serving one never
+stops.
 
-Triggers, all of which end in `ModelHost.reload`: SIGHUP to the worker process, the admin
-endpoint (app/routes/admin.py, off unless a token is set) and, every `watch_interval_s`, a look at
-where the repository's `latest` pointer leads. Each worker process reloads on its own; with
-several workers the watcher is what moves them all (docs/operations.md).
+Triggers, all of which end in `ModelHost.reload` (app/registry.py arms them): SIGHUP to the
+worker process, the admin endpoint (app/routes/admin.py, off unless a token is set) and, every
+`watch_interval_s`, a look at where each model's `latest` pointer leads. Each worker process
+reloads on its own; with several workers the watcher is what moves them all
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -27,11 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from starlette.datastructures import State
-
 from app.bundle import MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
-from app.metrics import ServiceMetrics
-from app.service import ModelService
+from app.metrics import ModelMetrics
+from app.service import ModelService, Shared
 from app.settings import Settings
 
 log = logging.getLogger("blink.reload")
@@ -111,32 +110,33 @@ def low_priority(function: Callable[..., T], *args: object) -> asyncio.Future[T]
 
 
 class ModelHost:
-    """Owns which version serves (`state.service`) and the versions still draining."""
+    """One served model: which version serves (`current`) and the versions still draining."""
 
-    def __init__(self, state: State, settings: Settings, metrics: ServiceMetrics) -> None:
-        self.state = state
+    def __init__(
+        self,
+        source: Path,
+        settings: Settings,
+        metrics: ModelMetrics,
+        shared: Shared,
+        first: ModelService,
+    ) -> None:
+        self.name = metrics.name
+        self.source = source  # the bundle, or the <repository>/<name> directory holding `latest`
         self.settings = settings
         self.metrics = metrics
+        self.shared = shared
         self._lock = asyncio.Lock()  # one reload at a time
         self._draining: set[ModelService] = set()
         self._retirements: set[asyncio.Task[None]] = set()
         # The last target that failed, with its manifest's mtime: the watcher does not retry it
         # every interval, only once it changes (or the pointer moves on).
         self._failed: tuple[Path, float] | None = None
-        self._tasks: list[asyncio.Task[object]] = []
-        self._signal = False  # whether this process's SIGHUP handler is ours
-
-    @property
-    def current(self) -> ModelService:
-        service: ModelService = self.state.service
-        return service
-
-    def install(self, service: ModelService) -> None:
-        """The first version, at start-up (before its warm-up)."""
-        self.state.service = service
-        service.publish()
+        # The version each request takes at arrival; no other long-lived reference to it, so
+        # that a reload can free it.
+        self.current = first
+        first.publish()
         # Single-process, prometheus_client reads these at scrape time: requests pay nothing.
-        self.metrics.watch(
+        metrics.watch(
             lambda: sum(s.batcher.queue_depth for s in self._live()),
             lambda: sum(s.active_requests for s in self._live()),
         )
@@ -147,7 +147,7 @@ class ModelHost:
     # -- reloading --------------------------------------------------------------------------
 
     async def reload(self, trigger: str) -> ReloadOutcome:
-        """Load what `settings.model` names now and swap it in if it is new and it warms up."""
+        """Load what `source` names now and swap it in if it is new and it warms up."""
         async with self._lock:
             return await self._reload(trigger)
 
@@ -159,26 +159,27 @@ class ModelHost:
         cpu = [0.0]
 
         def outcome(result: str, error: str | None = None) -> ReloadOutcome:
-            self.metrics.reloads.labels(result).inc()
+            self.metrics.reloaded(result)
             done = ReloadOutcome(
                 result, self.current.model_fields["version"], previous,
                 time.perf_counter() - started, cpu[0], error,
             )  # fmt: skip
             level = logging.WARNING if error else logging.INFO
-            log.log(level, "reload", extra={"trigger": trigger, **done.as_dict()})
+            log.log(
+                level, "reload", extra={"model": self.name, "trigger": trigger, **done.as_dict()}
+            )
             return done
 
-        # Hashing, opening the session and warming up take CPU the serving version needs.
-        runner = low_priority if self.settings.intra_op_threads() == 1 else in_thread
-
         def background(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
-            return runner(cpu_timed(function, cpu), *args)
+            return run_in_background(self.settings, cpu_timed(function, cpu), *args)
 
         try:
-            bundle = await background(load_bundle, self.settings.model)
+            bundle = await background(load_bundle, self.source)
             if self._serving(bundle.directory, bundle.manifest.version, current):
                 return outcome("unchanged")
-            candidate = await background(ModelService, self.settings, self.metrics, bundle)
+            candidate = await background(
+                ModelService, self.settings, self.metrics, self.shared, bundle
+            )
         except Exception as exc:  # BundleError, EngineError, OSError; whatever it is, not served
             self._remember_failure()
             return outcome("load_failed", str(exc))
@@ -203,34 +204,35 @@ class ModelHost:
 
     def _swap(self, candidate: ModelService) -> None:
         old = self.current
-        self.state.service = candidate  # the swap: requests arriving from now on take the new one
+        self.current = candidate  # the swap: requests arriving from now on take the new one
         old.unpublish()
         candidate.publish()
+        self._retire(old)
+
+    def _retire(self, old: ModelService) -> None:
         self._draining.add(old)
-        task = asyncio.create_task(self._retire(old))
+        task = asyncio.create_task(self._drain(old))
         self._retirements.add(task)
         task.add_done_callback(self._retirements.discard)
 
-    async def _retire(self, old: ModelService) -> None:
+    async def _drain(self, old: ModelService) -> None:
         """Let the old version answer everything it accepted, then free it."""
         try:
             await old.close()
         finally:
             self._draining.discard(old)
             version = old.model_fields["version"]
-            log.info("retired", extra={"version": version})
+            log.info("retired", extra={"model": self.name, "version": version})
 
     def _remember_failure(self) -> None:
         with contextlib.suppress(BundleError, OSError):
-            directory = resolve_bundle_dir(self.settings.model)
+            directory = resolve_bundle_dir(self.source)
             self._failed = (directory, (directory / MANIFEST_FILE).stat().st_mtime)
 
-    # -- triggers ---------------------------------------------------------------------------
-
     def pointer_moved(self) -> bool:
-        """Whether `settings.model` now leads to another bundle than the serving one."""
+        """Whether `source` now leads to another bundle than the serving one."""
         try:
-            directory = resolve_bundle_dir(self.settings.model)
+            directory = resolve_bundle_dir(self.source)
             mtime = (directory / MANIFEST_FILE).stat().st_mtime
         except (BundleError, OSError):
             return False  # mid-move or gone: the next look decides
@@ -238,39 +240,20 @@ class ModelHost:
             return False
         return directory.resolve() != self.current.bundle.directory.resolve()
 
-    async def watch(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            if self.pointer_moved():
-                try:
-                    await self.reload("watch")
-                except Exception:  # a bug must not stop the watching
-                    log.exception("reload failed")
-
-    def request_reload(self, trigger: str) -> None:
-        """Start a reload in the background (from a signal handler)."""
-        task = asyncio.create_task(self.reload(trigger))
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
-
-    def start(self) -> None:
-        """Arm the triggers this process has: the watcher (if set) and SIGHUP."""
-        if self.settings.watch_interval_s > 0:
-            self._tasks.append(asyncio.create_task(self.watch(self.settings.watch_interval_s)))
-        # Only the main thread may own signal handlers (in-process test apps run elsewhere too).
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGHUP, self.request_reload, "signal"
-            )
-            self._signal = True
-            log.debug("SIGHUP reloads the model", extra={"pid": os.getpid()})
-
     async def close(self) -> None:
-        if self._signal:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.current.close()
-        await asyncio.gather(*self._retirements, return_exceptions=True)
+        """Stop serving: answer everything accepted, by every version, then free them."""
+        async with self._lock:  # a reload in progress finishes first
+            current = self.current
+            current.unpublish()
+            await current.close()
+            await asyncio.gather(*self._retirements, return_exceptions=True)
+
+
+def run_in_background(
+    settings: Settings, function: Callable[..., T], *args: object
+) -> asyncio.Future[T]:
+    """Loading, hashing and warming up take CPU the serving versions need: at one intra-op
+    thread, at a lower priority; with more, in the default pool (the session's own threads
+    do the work)."""
+    runner = low_priority if settings.intra_op_threads() == 1 else in_thread
+    return runner(function, *args)

@@ -64,13 +64,21 @@ class WorkerModel(BaseModel):
 
 class Readiness(BaseModel):
     status: str = Field(examples=["ready"])
-    model: ModelRef = Field(description="The version the answering worker serves")
+    model: ModelRef | None = Field(
+        description="The default model (POST /classify) in the answering worker, if there is one"
+    )
+    models: list[ModelRef] = Field(description="Every model the answering worker serves")
+    failed: dict[str, str] = Field(
+        description="Models found but not served, with why (the others serve regardless)"
+    )
     workers: list[WorkerModel] = Field(
-        description="The version each worker process serves (during a reload they may differ)"
+        description="The models and versions each worker process serves (during a reload "
+        "they may differ)"
     )
 
 
 class ReloadResult(BaseModel):
+    model: str = Field(description="The model reloaded")
     result: str = Field(examples=["success"], description="success, unchanged, load_failed, ...")
     version: str = Field(description="The version serving after the attempt")
     previous: str
@@ -138,10 +146,22 @@ class ModelOut(BaseModel):
     batching: Batching
     metrics: dict[str, Any]
     calibration: CalibrationOut
+    ready: bool = Field(description="Warmed up and taking requests in the answering worker")
+    default: bool = Field(description="Whether POST /classify answers with this model")
+    error: str | None = Field(None, description="Why it is not ready, if it is not")
+
+
+class FailedModel(BaseModel):
+    name: str
+    error: str = Field(description="Why the bundle is not served (load or warm-up failure)")
 
 
 class ModelList(BaseModel):
     models: list[ModelOut]
+    failed: list[FailedModel] = Field(
+        description="Bundles in the repository that are not served, and why"
+    )
     workers: list[WorkerModel] = Field(
-        description="The version each worker process serves (during a reload they may differ)"
+        description="The models and versions each worker process serves (during a reload "
+        "they may differ)"
     )

@@ -1,7 +1,9 @@
 """One loaded model version and the request path below HTTP: preprocess, batch, postprocess.
 
-A request takes the version serving at its arrival (`app.state.service`) and keeps it to the end:
-a reload (app/reload.py) swaps in a new `ModelService` while the old one drains.
+A request takes the version of its model serving at its arrival (`ModelHost.current`, found
+through the registry) and keeps it to the end: a reload (app/reload.py) swaps in a new
+`ModelService` while the old one drains. What the models of one process share (the decode
+pool, the count of requests in progress, the response cache) is a `Shared`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from app.admission import Admission
 from app.batch_policy import batch_cap
 from app.batching import GoneProbe, MicroBatcher
 from app.bundle import Bundle, BundleError, Calibration, load_bundle
+from app.cache import ResponseCache
 from app.engine import Engine
 from app.errors import InvalidParameter, NotReady
-from app.metrics import ServiceMetrics, ready_workers, worker_models
+from app.metrics import ModelMetrics, ready_workers, worker_models
 from app.preprocess import Preprocessor
 from app.settings import Settings, usable_cores
 
@@ -39,15 +42,38 @@ INLINE_DECODE_PIXELS = 128 * 128
 # sizes (a few ms): decode and inference on one thread, no hop, the tensor still in its cache.
 # Larger images always go to the pool, so the loop keeps reading while they decode.
 LONE_DECODE_PIXELS = 4_000_000
+CLOSE_POLL_S = 0.01
+
+
+class Shared:
+    """What every model of a process shares: sized for the machine, not per model."""
+
+    def __init__(self, settings: Settings, cache: ResponseCache | None = None) -> None:
+        self.decode_pool = ThreadPoolExecutor(
+            settings.decode_threads or usable_cores(), thread_name_prefix="blink-decode"
+        )
+        self.active = 0  # requests in progress in this process, every model together
+        self.cache = cache
+
+    def close(self) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ModelService:
     def __init__(
-        self, settings: Settings, metrics: ServiceMetrics, bundle: Bundle | None = None
+        self,
+        settings: Settings,
+        metrics: ModelMetrics,
+        shared: Shared,
+        bundle: Bundle | None = None,
     ) -> None:
-        """Load (hashes verified) and open the bundle; nothing is published to metrics yet."""
+        """Load (hashes verified) and open the bundle; nothing is published to metrics yet.
+
+        The model is served under `metrics.name`: its directory's name in a repository.
+        """
         self.settings = settings
         self.metrics = metrics
+        self.shared = shared
         self.bundle: Bundle = bundle or load_bundle(settings.model)
         manifest = self.bundle.manifest
         self.engine = Engine(
@@ -64,11 +90,15 @@ class ModelService:
         self.calibration = manifest.calibration
         self.temperature = self.calibration.temperature if self.calibration else 1.0
         # What every answer says of the model, built once.
+        self.name = metrics.name
         self.model_fields = {
-            "name": manifest.name,
+            "name": self.name,
             "version": manifest.version,
             "variant": self.engine.variant,
         }
+        # What, besides the body and the answer's parameters, keys this version's cached answers.
+        self.cache = shared.cache
+        self.cache_scope = (self.name, manifest.version, self.engine.variant)
         self.active_requests = 0
         # Single-process, the gauges are read at scrape time (app/reload.py); multiprocess, each
         # worker writes every change (a scrape reads other workers' files, not their state).
@@ -93,13 +123,12 @@ class ModelService:
         )
         self.admission = Admission(
             self.batcher,
-            lambda: this().active_requests,
+            lambda: this().shared.active,
             capacity=settings.queue_capacity,
             max_concurrency=settings.max_concurrency,
             hold_max_s=settings.reject_hold_ms / 1000,
         )
-        pool_size = settings.decode_threads or usable_cores()
-        self._decode_pool = ThreadPoolExecutor(pool_size, thread_name_prefix="blink-decode")
+        self._decode_pool = shared.decode_pool
         self.ready = False
         self.warm_up_error: str | None = None
 
@@ -118,6 +147,8 @@ class ModelService:
         metrics = self.metrics
         metrics.engine_slots.set(self.settings.engine_slots)
         metrics.ready.set(1 if self.ready else 0)
+        if self.cache is not None:  # a new version: the old one's answers are of no more use
+            self.cache.drop_model(self.name)
         metrics.model_info.labels(*self.model_labels).set(1)
         metrics.worker_model.labels(self.model_fields["name"], self.model_fields["version"]).set(1)
 
@@ -131,41 +162,30 @@ class ModelService:
             metrics.worker_model.remove(self.model_fields["name"], self.model_fields["version"])
 
     def not_ready_reason(self) -> str | None:
-        """Why requests cannot be served yet; None once they can (in every worker)."""
+        """Why this model cannot serve requests yet (in this worker); None once it can."""
         if self.warm_up_error is not None:
             return f"warm-up failed: {self.warm_up_error}"
         if not self.ready:
             return "model is warming up"
-        # With several workers, any of them may answer a probe: ready means all of them are.
-        workers = self.settings.workers
-        if self.metrics.multiprocess and workers > 1 and (warm := ready_workers()) < workers:
-            return f"{warm} of {workers} workers have warmed up"
         return None
-
-    def workers(self) -> list[dict[str, Any]]:
-        """The name and version each worker process serves; this one's from itself."""
-        own = {"pid": os.getpid(), "name": self.model_fields["name"]}
-        own["version"] = self.model_fields["version"]
-        if not self.metrics.multiprocess:
-            return [own]
-        others = [w for w in worker_models() if w["pid"] != own["pid"]]
-        return sorted([own, *others], key=lambda w: w["pid"])
 
     def request_started(self) -> None:
         self.active_requests += 1
+        self.shared.active += 1
         if self._count_in_flight:
             self.metrics.in_flight.inc()
 
     def request_finished(self) -> None:
         self.active_requests -= 1
+        self.shared.active -= 1
         if self._count_in_flight:
             self.metrics.in_flight.dec()
 
     @property
     def alone(self) -> bool:
-        """Whether the request asking is the only one in progress (a lone request may use the
-        event loop for decoding and inference: nothing else needs it)."""
-        return self.active_requests <= 1
+        """Whether the request asking is the only one in progress, of any model (a lone request
+        may use the event loop for decoding and inference: nothing else needs it)."""
+        return self.shared.active <= 1
 
     @property
     def num_classes(self) -> int:
@@ -239,8 +259,31 @@ class ModelService:
         return self.batcher.submit(tensor, deadline, client_gone)
 
     async def close(self) -> None:
+        """Answer everything accepted, then stop; the shared decode pool stays (the registry
+        owns it). Requests that took this version but are not queued yet (reading, decoding)
+        are waited for too, up to the request timeout."""
+        give_up = time.monotonic() + self.settings.request_timeout_ms / 1000
+        while self.active_requests and time.monotonic() < give_up:
+            await asyncio.sleep(CLOSE_POLL_S)
         await self.batcher.drain()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def workers_not_ready(settings: Settings, multiprocess: bool) -> str | None:
+    """With several workers any of them may answer a probe: ready means all of them are."""
+    workers = settings.workers
+    if multiprocess and workers > 1 and (warm := ready_workers()) < workers:
+        return f"{warm} of {workers} workers have warmed up"
+    return None
+
+
+def worker_list(own_models: list[dict[str, str]], multiprocess: bool) -> list[dict[str, Any]]:
+    """The models and versions each worker process serves; this one's from itself."""
+    pid = os.getpid()
+    own = [{"pid": pid, **model} for model in own_models]
+    if not multiprocess:
+        return own
+    others = [w for w in worker_models() if w["pid"] != pid]
+    return sorted([*own, *others], key=lambda w: (w["pid"], w["name"]))
 
 
 def coverage_threshold(calibration: Calibration | None, coverage: float) -> float:

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.batch_policy import BatchPolicy
@@ -25,6 +25,22 @@ class Settings(BaseSettings):
     model: Path = Field(
         Path("models/repository/fashion-mnist"),
         description="A bundle directory, or a <repository>/<name> directory holding `latest`.",
+    )
+    repository: Path | None = Field(
+        None,
+        description="Serve every <repository>/<name> bundle (each at its `latest`) instead of "
+        "one `model`; the watcher adds and removes bundles as they come and go.",
+    )
+    default_model: str = Field(
+        "",
+        description="The model that answers POST /classify; empty = the only one served "
+        "(with several, /classify answers 404 and /models/{name}/classify is the way).",
+    )
+    cache_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="Response cache size per worker (answers to repeated images, LRU); "
+        "0 = off. An answer takes about 1 KB, so the default holds some 30,000.",
     )
     device: Device = "auto"
     model_variant: Variant = "auto"
@@ -88,6 +104,12 @@ class Settings(BaseSettings):
         "empty = the admin routes do not exist.",
         repr=False,
     )
+
+    @model_validator(mode="after")
+    def one_source(self) -> Settings:
+        if self.repository is not None and "model" in self.model_fields_set:
+            raise ValueError("set either model (one bundle) or repository (every bundle), not both")
+        return self
 
     def intra_op_threads(self) -> int:
         """Split the usable cores between workers so they do not oversubscribe."""

@@ -100,7 +100,7 @@ async def service_counts(model: Path, bodies: list[bytes], requests: int) -> Cou
 
     app = create_app(Settings(model=model, threads=1))
     async with app.api.router.lifespan_context(app.api):
-        while app.state.service.not_ready_reason() is not None:
+        while app.state.registry.not_ready_reason() is not None:
             await asyncio.sleep(0.05)
         return await count(app, bodies, requests)
 

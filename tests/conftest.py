@@ -23,6 +23,10 @@ from tests.onnx_models import write_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
+# The response cache is off unless a test turns it on (cache_bytes=...): most tests send the
+# same few images again and again and count the engine's work on them.
+CACHE_OFF = {"BLINK_CACHE_BYTES": "0"}
+os.environ.update(CACHE_OFF)
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +98,12 @@ def spawn_server(
     """Start `python -m app serve` on a free loopback port with `BLINK_*` settings; no waiting."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLINK_", "PROMETHEUS_"))}
+    env.update(CACHE_OFF)
     env.update(extra_env or {})
     env.update({f"BLINK_{k.upper()}": str(v) for k, v in settings.items()})
-    env.update(BLINK_MODEL=str(model), BLINK_HOST="127.0.0.1", BLINK_PORT=str(port))
+    if "repository" not in settings:  # the two are exclusive
+        env["BLINK_MODEL"] = str(model)
+    env.update(BLINK_HOST="127.0.0.1", BLINK_PORT=str(port))
     # A file, not a pipe: a server that logs more than a pipe holds (64 KiB) while nobody reads
     # it blocks on its next log line, and the test would see a hang the server does not have.
     output = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the process, by stop_process)

@@ -21,4 +21,7 @@ def parse(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of `name` over the series whose labels include `labels` (0 if none), as
+    `sum(name{labels})` reads: a series with more labels (the model) is summed over them."""
+    wanted = labels.items()
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= dict(have).items())

@@ -57,7 +57,7 @@ def test_overload_status_setting_applies_to_overload_only():
 
 async def cancel_mid_inference(client, request) -> None:
     """Start `request`, wait until its batch runs on the engine, then cancel it."""
-    service = client.app.state.service
+    service = client.app.state.registry.default.current
     task = asyncio.ensure_future(request)
     for _ in range(2000):
         await asyncio.sleep(0.001)
@@ -81,7 +81,7 @@ async def test_a_cancelled_request_is_not_counted_as_answered(slow_bundle_dir, r
             request = client.post("/v2/models/tiny/infer", **image_request(png()))
         await cancel_mid_inference(client, request)
         samples = parse((await client.get("/metrics")).text)
-        assert client.app.state.service.active_requests == 0
+        assert client.app.state.registry.default.current.active_requests == 0
     assert value(samples, "blink_requests_total", route=route, status="200") == 0
     assert value(samples, "blink_requests_total", route=route, status="499") == 1
     assert value(samples, "blink_rejections_total", reason="cancelled") == 1

@@ -151,7 +151,7 @@ def error_of(response) -> dict:
 
 async def test_unmeetable_client_deadline_is_refused_at_arrival(bundle_dir):
     async with running_app(Settings(model=bundle_dir, threads=1)) as client:
-        service = client.app.state.service
+        service = client.app.state.registry.default.current
         assert (await client.post("/classify", content=png(), headers=PNG)).status_code == 200
         service.batcher.drain_rate = slow_drain()
         # one request takes 10 s at that rate: a 50 ms deadline cannot be met, 5 s neither
@@ -169,13 +169,13 @@ async def test_unmeetable_client_deadline_is_refused_at_arrival(bundle_dir):
         bad = await client.post("/classify", content=png(), headers={"x-request-timeout-ms": "x"})
         assert bad.status_code == 422
         metrics = (await client.get("/metrics")).text
-    assert 'blink_rejections_total{reason="deadline_unmeetable"} 3.0' in metrics
+    assert 'blink_rejections_total{model="tiny",reason="deadline_unmeetable"} 3.0' in metrics
 
 
 async def test_overload_status_can_be_429(bundle_dir):
     settings = Settings(model=bundle_dir, threads=1, overload_status=429)
     async with running_app(settings) as client:
-        client.app.state.service.batcher.drain_rate = slow_drain()
+        client.app.state.registry.default.current.batcher.drain_rate = slow_drain()
         refused = await client.post(
             "/classify", content=png(), headers={**PNG, "x-request-timeout-ms": "50"}
         )
@@ -185,7 +185,7 @@ async def test_overload_status_can_be_429(bundle_dir):
         metrics = (await client.get("/metrics")).text
     assert refused.status_code == 429 and v2.status_code == 429
     assert refused.headers["retry-after"] == "1" and v2.headers["retry-after"] == "1"
-    assert 'blink_requests_total{route="/classify",status="429"} 1.0' in metrics
+    assert 'blink_requests_total{model="tiny",route="/classify",status="429"} 1.0' in metrics
 
 
 async def test_concurrency_limit_refuses_the_request_over_it(bundle_dir):

@@ -77,7 +77,7 @@ async def test_served_model_reports_its_cap_and_curve(bundle_dir, policy):
     settings = Settings(model=bundle_dir, threads=1, max_batch_size=8, batch_policy=policy)
     async with running_app(settings) as client:
         (model,) = (await client.get("/v1/models")).json()["models"]
-        batcher = client.app.state.service.batcher  # type: ignore[attr-defined]
+        batcher = client.app.state.registry.default.current.batcher  # type: ignore[attr-defined]
     batching = model["batching"]
     assert batching["policy"] == policy
     assert sorted(batching["seconds_per_batch"], key=int) == ["1", "2", "4", "8"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from app.metrics import ServiceMetrics
-from app.service import LONE_DECODE_PIXELS, ModelService
+from app.service import LONE_DECODE_PIXELS, ModelService, Shared
 from app.settings import Settings
 from tests.onnx_models import write_bundle
 
@@ -54,7 +54,9 @@ async def decoding_thread(service: ModelService, body: bytes) -> str:
 
 async def served_service(bundle, **settings) -> ModelService:
     """Warmed up, with one lone request answered (the batcher now knows a batch of one's time)."""
-    service = ModelService(Settings(model=bundle, threads=1, **settings), ServiceMetrics())
+    settings_ = Settings(model=bundle, threads=1, **settings)
+    metrics = ServiceMetrics().for_model("placement")
+    service = ModelService(settings_, metrics, Shared(settings_))
     await service.warm_up()
     assert service.ready
     lone = np.zeros((1, 3, 32, 32), np.float32)

@@ -19,7 +19,7 @@ PNG = {"content-type": "image/png"}
 
 async def fill_queue(client, depth: int) -> list[asyncio.Future]:
     """Requests that hold the engine and fill the queue to `depth`."""
-    service = client.app.state.service
+    service = client.app.state.registry.default.current
     posts = [
         asyncio.ensure_future(client.post("/classify", content=png(i), headers=PNG))
         for i in range(depth + 1)
@@ -78,7 +78,7 @@ async def test_full_queue_is_refused_before_the_body_is_read(slow_bundle_dir, pa
     else:  # the protocol's shape: a message only
         assert "queue is full" in error
     assert [a.status_code for a in answers] == [200] * 3
-    assert 'blink_rejections_total{reason="queue_full"} 1.0' in metrics
+    assert 'blink_rejections_total{model="tiny",reason="queue_full"} 1.0' in metrics
 
 
 async def test_v2_batch_over_the_free_queue_is_refused_after_parsing(slow_bundle_dir):

@@ -109,6 +109,8 @@ UNITLESS = {
     "blink_model_info",
     "blink_worker_model_info",
     "blink_ready",
+    "blink_worker_ready",
+    "blink_cache_entries",
 }
 
 
@@ -134,7 +136,7 @@ def test_exposition_follows_prometheus_conventions(bundle_dir, workers):
         if family.type == "counter":
             assert all(s.name.endswith("_total") for s in family.samples), name
         elif name not in UNITLESS:
-            assert name.endswith("_seconds"), f"{name}: name its base unit"
+            assert name.endswith(("_seconds", "_bytes")), f"{name}: name its base unit"
     for name in (
         "blink_request_duration_seconds",
         "blink_queue_wait_seconds",
@@ -281,7 +283,8 @@ def test_real_prometheus_records_the_load(bundle_dir, tmp_path):
     assert not alerts & {"BlinkDown", "BlinkAbsent", "BlinkNotReady", "BlinkSustained503s"}
     assert blank == [], f"Grafana panels without data: {blank}"
     # the service's own count agrees with what prometheus stored
-    assert f'blink_requests_total{{route="/classify",status="200"}} {float(sent)}' in exposed
+    series = 'blink_requests_total{model="tiny",route="/classify",status="200"}'
+    assert f"{series} {float(sent)}" in exposed
 
 
 def recorded(url: str, promql: str) -> float:

@@ -61,7 +61,7 @@ async def test_good_version_is_swapped_in_under_load_without_a_failed_request(bu
         users = [asyncio.create_task(user(i)) for i in range(8)]
         await asyncio.sleep(0.3)
         point_latest(repo, "2")
-        outcome = await client.app.state.host.reload("test")
+        outcome = await client.app.state.registry.default.reload("test")
         swapped.set()
         await asyncio.sleep(0.3)
         stop.set()
@@ -90,23 +90,23 @@ async def test_requests_in_flight_finish_on_the_version_they_started_on(
     point_latest(repo, "slow")
     settings = Settings(model=repo, threads=1, max_batch_size=1, request_timeout_ms=30_000)
     async with running_app(settings) as client:
-        old = client.app.state.service
+        old = client.app.state.registry.default.current
         early = [asyncio.create_task(classify(client, i)) for i in range(6)]
         while old.active_requests < 6:  # all six read, decoded and queued on the old version
             await asyncio.sleep(0.001)
         point_latest(repo, "fast")
-        outcome = await client.app.state.host.reload("test")
+        outcome = await client.app.state.registry.default.reload("test")
         assert not all(t.done() for t in early), "the swap came before the old queue drained"
         late = await classify(client)
         answers = await asyncio.gather(*early)
         for _ in range(200):  # the old version closes once drained
-            if old not in client.app.state.host._draining:
+            if old not in client.app.state.registry.default._draining:
                 break
             await asyncio.sleep(0.01)
     assert outcome.result == "success"
     assert answers == [(200, "slow")] * 6
     assert late == (200, "fast")
-    assert old not in client.app.state.host._draining
+    assert old not in client.app.state.registry.default._draining
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -115,7 +115,7 @@ async def test_broken_version_never_replaces_the_serving_one(bundle_dir, tmp_pat
     add_version(repo, bundle_dir, "2", fault=fault)
     async with running_app(Settings(model=repo, threads=1, max_batch_size=4)) as client:
         point_latest(repo, "2")
-        outcome = await client.app.state.host.reload("test")
+        outcome = await client.app.state.registry.default.reload("test")
         after = await classify(client)
         ready = await client.get("/readyz")
         samples = await metrics(client)
@@ -223,7 +223,7 @@ async def test_a_retired_version_is_freed(bundle_dir, tmp_path):
     reference counting can free it: nothing may keep it, nor may it hold itself in a cycle."""
     repo = repository(tmp_path, bundle_dir, "1", "2", "3")
     async with running_app(Settings(model=repo, threads=1)) as client:
-        host = client.app.state.host
+        host = client.app.state.registry.default
         retired = []
         for version in ("2", "3"):
             retired.append(weakref.ref(host.current))

@@ -38,7 +38,7 @@ async def test_fast_path_and_fastapi_routes_answer_alike(bundle_dir):
                 if (await fast.get("/readyz")).status_code == 200:
                     break
                 await asyncio.sleep(0.01)
-            name = app.state.service.bundle.manifest.name
+            name = app.state.registry.default.current.bundle.manifest.name
             content, headers = v2_binary_request(png(seed=3))
             requests = [
                 ("/classify", {"content": png(seed=3), "headers": {"content-type": "image/png"}}),

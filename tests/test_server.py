@@ -22,7 +22,7 @@ from app.bundle import load_bundle
 from app.metrics import ServiceMetrics, ready_workers
 from app.postprocess import top_k
 from app.preprocess import Preprocessor
-from app.service import ModelService
+from app.registry import ModelRegistry
 from app.settings import Settings
 from loadtest.processes import stop_process
 from tests.conftest import live_server
@@ -194,7 +194,7 @@ def test_queue_and_in_flight_gauges_read_live(slow_bundle_dir, tmp_path, workers
 FAKE_WORKER = """
 import sys, time
 from app.metrics import ServiceMetrics
-ServiceMetrics().ready.set(int(sys.argv[1]))
+ServiceMetrics().worker_ready.set(int(sys.argv[1]))
 print("set", flush=True)
 time.sleep(120)
 """
@@ -202,7 +202,7 @@ time.sleep(120)
 
 @contextlib.contextmanager
 def fake_workers(directory, *ready: str) -> Iterator[list[subprocess.Popen]]:
-    """Processes that publish `blink_ready` in a multiprocess directory, as workers do."""
+    """Processes that publish `blink_worker_ready` in a multiprocess directory, as workers do."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     workers = [
         subprocess.Popen([sys.executable, "-c", FAKE_WORKER, r], env=env, stdout=subprocess.PIPE)
@@ -230,22 +230,23 @@ def test_readiness_counts_live_warmed_workers(tmp_path, monkeypatch):
 
 
 async def test_warm_worker_is_not_ready_until_every_worker_is(bundle_dir, tmp_path, monkeypatch):
-    """/readyz and V2's ready routes ask the service, which counts the other workers.
+    """/readyz and V2's ready routes ask the registry, which counts the other workers.
 
-    prometheus_client chose in-memory values when this process imported it, so this service's
+    prometheus_client chose in-memory values when this process imported it, so this worker's
     own gauge is not in the directory: the fake workers stand for every worker.
     """
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    service = ModelService(Settings(model=bundle_dir, threads=1, workers=3), ServiceMetrics())
+    registry = ModelRegistry(Settings(model=bundle_dir, threads=1, workers=3))
+    registry.open(ServiceMetrics())
     try:
-        await service.warm_up()
-        assert service.ready
+        await registry.warm_up()
+        assert registry.own_not_ready_reason() is None
         with fake_workers(tmp_path, "1", "0"):
-            assert service.not_ready_reason() == "1 of 3 workers have warmed up"
+            assert registry.not_ready_reason() == "1 of 3 workers have warmed up"
         with fake_workers(tmp_path, "1", "1", "1"):
-            assert service.not_ready_reason() is None
+            assert registry.not_ready_reason() is None
     finally:
-        await service.close()
+        await registry.close()
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) absent")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from app.errors import BlinkError
+from app.errors import BlinkError, InvalidParameter, ModelNotFound
+from app.registry import ModelRegistry
 from app.schemas import ErrorResponse, ReloadResult
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -30,14 +32,30 @@ def check_token(request: Request) -> None:
 @router.post(
     "/reload",
     response_model=ReloadResult,
-    summary="Load the version `latest` names now, in the worker that answers",
+    summary="Load the version a model's `latest` names now, in the worker that answers",
     responses={
         401: {"model": ErrorResponse, "description": "No or wrong admin token"},
+        404: {"model": ErrorResponse, "description": "No such model is served"},
         422: {"model": ReloadResult, "description": "It failed; the serving version stays"},
     },
 )
-async def reload(request: Request) -> JSONResponse:
+async def reload(
+    request: Request,
+    model: Annotated[
+        str | None, Query(description="The model to reload; omitted, the default model")
+    ] = None,
+) -> JSONResponse:
     check_token(request)
-    outcome = await request.app.state.host.reload("admin")
+    registry: ModelRegistry = request.app.state.registry
+    if model is not None:
+        host = registry.hosts.get(model)
+        if host is None:
+            raise ModelNotFound(registry.unknown_message(model))
+    elif registry.default is not None:
+        host = registry.default
+    else:
+        raise InvalidParameter("several models are served: name one with ?model=NAME")
+    outcome = await host.reload("admin")
     failed = outcome.result not in ("success", "unchanged")
-    return JSONResponse(outcome.as_dict(), status_code=422 if failed else 200)
+    body = {"model": host.name, **outcome.as_dict()}
+    return JSONResponse(body, status_code=422 if failed else 200)

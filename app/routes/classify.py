@@ -20,11 +20,13 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app.admission import client_timeout_s
 from app.asgi import Headers, check_length, header_list, read_body, send_response
+from app.cache import ResponseCache, body_digest, cache_bypassed
 from app.disconnect import disconnect_probe, wait_all
 from app.errors import (
     BadImage,
     BlinkError,
     InvalidParameter,
+    ModelNotFound,
     Overloaded,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -32,9 +34,10 @@ from app.errors import (
 )
 from app.outcomes import Outcome, serve_request
 from app.postprocess import prediction_set, top_k
+from app.registry import ModelRegistry
 from app.service import ModelService, coverage_threshold
 
-ROUTE = "/classify"
+ROUTE = "/classify"  # the request metrics' route label, for /models/{name}/classify too
 DEFAULT_TOP_K = 5
 RAW_MEDIA_TYPES = frozenset(
     {
@@ -55,6 +58,9 @@ MULTIPART = "multipart/form-data"
 DECIMAL = re.compile(r"[0-9]{0,3}(?:\.[0-9]{1,17})?")
 # What `coverage` asks for: the level and the score threshold the bundle recorded for it.
 Conformal = tuple[float, float]
+HIT, MISS, COALESCED, BYPASS = "hit", "miss", "coalesced", "bypass"  # app.metrics.CACHE_RESULTS
+HIT_HEADER, MISS_HEADER = HIT.encode(), MISS.encode()
+COALESCED_HEADER, BYPASS_HEADER = COALESCED.encode(), BYPASS.encode()
 
 
 async def answer(
@@ -71,6 +77,29 @@ async def answer(
     deadline = time.monotonic() + timeout_s
     service.admission.check(1, timeout_s)  # before reading the body: a refusal costs almost nothing
     data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
+    cache = service.cache
+    if cache is None:
+        body, stages = await infer_answer(service, data, k, conformal, deadline, receive)
+        extra = [(b"x-request-id", request_id)]
+    else:
+        body, stages, cached = await cached_answer(
+            cache, service, headers, data, k, conformal, deadline, receive
+        )
+        extra = [(b"x-request-id", request_id), (b"x-cache", cached)]
+    total = (time.perf_counter() - started) * 1000
+    extra.append((b"server-timing", b"%s, total;dur=%.3f" % (stages, total)))
+    await send_response(send, 200, body, b"application/json", extra)
+
+
+async def infer_answer(
+    service: ModelService,
+    data: bytes,
+    k: int,
+    conformal: Conformal | None,
+    deadline: float,
+    receive: Receive,
+) -> tuple[bytes, bytes]:
+    """Decode, batch and postprocess: the answer's JSON and its Server-Timing stages."""
     tensor, decode_s = await service.preprocess(data)
     probe = disconnect_probe(receive)
     pending = service.submit(tensor, deadline, probe)
@@ -94,15 +123,53 @@ async def answer(
             probabilities=service.probabilities,
             temperature=service.temperature,
         )
-    body = orjson.dumps(reply)
-    timing = b"decode;dur=%.3f, queue;dur=%.3f, inference;dur=%.3f, total;dur=%.3f" % (
+    stages = b"decode;dur=%.3f, queue;dur=%.3f, inference;dur=%.3f" % (
         decode_s * 1000,
         result.queue_s * 1000,
         result.inference_s * 1000,
-        (time.perf_counter() - started) * 1000,
     )
-    extra = [(b"x-request-id", request_id), (b"server-timing", timing)]
-    await send_response(send, 200, body, b"application/json", extra)
+    return orjson.dumps(reply), stages
+
+
+async def cached_answer(
+    cache: ResponseCache,
+    service: ModelService,
+    headers: dict[bytes, bytes],
+    data: bytes,
+    k: int,
+    conformal: Conformal | None,
+    deadline: float,
+    receive: Receive,
+) -> tuple[bytes, bytes, bytes]:
+    """The answer through the response cache: (JSON, Server-Timing stages, X-Cache)."""
+    skip_lookup, no_store = cache_bypassed(headers.get(b"cache-control"))
+    counts = service.metrics.cache
+    looked_up = time.perf_counter()
+    key = (*service.cache_scope, k, conformal, body_digest(data))
+    if skip_lookup:
+        counts[BYPASS].inc()
+        fresh, stages = await infer_answer(service, data, k, conformal, deadline, receive)
+        if not no_store:
+            cache.put(key, fresh)
+        return fresh, stages, BYPASS_HEADER
+    hit = cache.get(key)
+    if hit is not None:
+        counts[HIT].inc()
+        return hit, b"cache;dur=%.3f" % ((time.perf_counter() - looked_up) * 1000), HIT_HEADER
+    computed: list[bytes] = []
+
+    async def compute() -> bytes:
+        body, stages = await infer_answer(service, data, k, conformal, deadline, receive)
+        computed.append(stages)
+        return body
+
+    body, here = await cache.answer(key, compute, wait_s=deadline - time.monotonic())
+    if here:
+        counts[MISS].inc()
+        return body, computed[0], MISS_HEADER
+    counts[COALESCED].inc()
+    stages = b"cache;dur=%.3f" % ((time.perf_counter() - looked_up) * 1000)
+    return body, stages, COALESCED_HEADER
 
 
 def error_answer(outcome: Outcome, exc: BaseException) -> tuple[int, bytes, Headers]:
@@ -216,9 +283,33 @@ async def read_multipart_file(scope: Scope, receive: Receive) -> bytes:
 classify = functools.partial(serve_request, ROUTE, answer, error_answer)
 
 
+async def classify_named(
+    registry: ModelRegistry, name: str, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """POST /models/{name}/classify: the model by name, or 404 naming those served."""
+    host = registry.hosts.get(name)
+    if host is None:
+        await no_model(registry.unknown_message(name), send)
+        return
+    await classify(host.current, scope, receive, send)
+
+
+async def no_model(message: str, send: Send) -> None:
+    """404 for a model that is not served (not counted: only served models have series)."""
+    exc = ModelNotFound(message)
+    await send_response(send, exc.status, exc.body(), b"application/json", [])
+
+
 class ClassifyRoute:
     """`classify` as an ASGI app object: Starlette's `Route` hands such objects the raw
     scope/receive/send instead of wrapping them in a Request/Response cycle."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await classify(scope["app"].state.service, scope, receive, send)
+        registry: ModelRegistry = scope["app"].state.registry
+        name = scope.get("path_params", {}).get("model_name")
+        if name is not None:
+            await classify_named(registry, name, scope, receive, send)
+        elif registry.default is None:
+            await no_model(registry.no_default_message(), send)
+        else:
+            await classify(registry.default.current, scope, receive, send)

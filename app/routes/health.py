@@ -20,12 +20,21 @@ async def healthz() -> dict[str, Any]:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="The model is loaded and warmed up (in every worker); which version each serves",
-    responses={503: {"model": ErrorResponse, "description": "Still warming up"}},
+    summary="Every model is loaded and warmed up (in every worker); which versions serve",
+    description="Ready once no model is still warming up and at least one serves: a bundle that "
+    "failed to load or warm up is listed under `failed` and does not hold the others back.",
+    responses={503: {"model": ErrorResponse, "description": "Still warming up, or no model"}},
 )
 async def readyz(request: Request) -> dict[str, Any]:
-    service = request.app.state.service
-    reason = service.not_ready_reason()
+    registry = request.app.state.registry
+    reason = registry.not_ready_reason()
     if reason is not None:
         raise NotReady(reason)
-    return {"status": "ready", "model": service.model_fields, "workers": service.workers()}
+    default = registry.default
+    return {
+        "status": "ready",
+        "model": default.current.model_fields if default is not None else None,
+        "models": [host.current.model_fields for _, host in sorted(registry.hosts.items())],
+        "failed": registry.failed,
+        "workers": registry.workers(),
+    }

@@ -16,4 +16,4 @@ router = APIRouter(tags=["metrics"])
     responses={200: {"content": {CONTENT_TYPE: {}}}},
 )
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.service.metrics.exposition(), media_type=CONTENT_TYPE)
+    return Response(request.app.state.registry.metrics.exposition(), media_type=CONTENT_TYPE)

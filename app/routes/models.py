@@ -7,49 +7,62 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app.bundle import Calibration
+from app.registry import ModelRegistry
 from app.schemas import ModelList
+from app.service import ModelService
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models", response_model=ModelList, summary="The served model, its labels and input")
+@router.get(
+    "/models",
+    response_model=ModelList,
+    summary="The served models: version, variant, provider, readiness, labels and input",
+)
 async def list_models(request: Request) -> dict[str, Any]:
-    service = request.app.state.service
+    registry: ModelRegistry = request.app.state.registry
+    return {
+        "models": [
+            describe(host.current, host is registry.default)
+            for _, host in sorted(registry.hosts.items())
+        ],
+        "failed": [{"name": n, "error": e} for n, e in sorted(registry.failed.items())],
+        "workers": registry.workers(),
+    }
+
+
+def describe(service: ModelService, default: bool) -> dict[str, Any]:
     manifest = service.bundle.manifest
     spec = manifest.input
     return {
-        "models": [
-            {
-                "name": manifest.name,
-                "version": manifest.version,
-                "labels": manifest.labels,
-                "input": {
-                    "name": spec.name,
-                    "shape": ["batch", *spec.sample_shape],
-                    "layout": spec.layout,
-                    "color": spec.color,
-                    "resize": spec.resize,
-                    "crop_fraction": spec.crop_fraction,
-                    "interpolation": spec.interpolation,
-                    "mean": spec.mean,
-                    "std": spec.std,
-                },
-                "output": {"name": manifest.output.name, "kind": manifest.output.kind},
-                "variant": service.engine.variant,
-                "provider": service.engine.provider,
-                "max_batch_size": service.settings.max_batch_size,
-                "batching": {
-                    "policy": service.settings.batch_policy,
-                    "batch_cap": service.batcher.max_batch_size,
-                    "seconds_per_batch": {
-                        str(size): s for size, s in service.engine.batch_costs.items()
-                    },
-                },
-                "metrics": manifest.metrics,
-                "calibration": calibration_fields(manifest.calibration),
-            }
-        ],
-        "workers": service.workers(),
+        "name": service.name,
+        "version": manifest.version,
+        "labels": manifest.labels,
+        "input": {
+            "name": spec.name,
+            "shape": ["batch", *spec.sample_shape],
+            "layout": spec.layout,
+            "color": spec.color,
+            "resize": spec.resize,
+            "crop_fraction": spec.crop_fraction,
+            "interpolation": spec.interpolation,
+            "mean": spec.mean,
+            "std": spec.std,
+        },
+        "output": {"name": manifest.output.name, "kind": manifest.output.kind},
+        "variant": service.engine.variant,
+        "provider": service.engine.provider,
+        "max_batch_size": service.settings.max_batch_size,
+        "batching": {
+            "policy": service.settings.batch_policy,
+            "batch_cap": service.batcher.max_batch_size,
+            "seconds_per_batch": {str(size): s for size, s in service.engine.batch_costs.items()},
+        },
+        "metrics": manifest.metrics,
+        "calibration": calibration_fields(manifest.calibration),
+        "ready": service.ready,
+        "default": default,
+        "error": service.not_ready_reason(),
     }
 
 

@@ -45,7 +45,7 @@ class ServedModel:
     def __init__(self, service: ModelService) -> None:
         manifest = service.bundle.manifest
         spec = manifest.input
-        self.name, self.version, self.labels = manifest.name, manifest.version, manifest.labels
+        self.name, self.version, self.labels = service.name, manifest.version, manifest.labels
         self.tensor_input = spec.name
         self.image_input = IMAGE if spec.name != IMAGE else f"encoded_{IMAGE}"
         self.sample_shape = spec.sample_shape
@@ -67,7 +67,7 @@ class ServedModel:
 
     def check(self, name: str, version: str | None) -> None:
         if name != self.name:
-            raise V2Error(404, f"unknown model {name!r}: this server serves {self.name!r}")
+            raise V2Error(404, f"unknown model {name!r}: this is {self.name!r}")
         if version and version != self.version:
             raise V2Error(
                 404,

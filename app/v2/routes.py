@@ -19,6 +19,7 @@ from app.admission import client_timeout_s
 from app.asgi import Headers, check_length, header_list, read_body, send_response
 from app.errors import BlinkError, Overloaded
 from app.outcomes import Outcome, serve_request
+from app.registry import ModelRegistry
 from app.service import ModelService
 from app.v2.codec import compress, decompress
 from app.v2.errors import V2Error, error_body, error_response
@@ -63,8 +64,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=V2Route)
 
 
+def service_for(registry: ModelRegistry, name: str) -> ModelService:
+    host = registry.hosts.get(name)
+    if host is None:
+        raise V2Error(404, registry.unknown_message(name))
+    return host.current
+
+
 def model_for(request: Request, name: str, version: str | None = None) -> ServedModel:
-    model = served_model(request.app.state.service)
+    model = served_model(service_for(request.app.state.registry, name))
     model.check(name, version)
     return model
 
@@ -85,7 +93,9 @@ async def server_live() -> dict[str, Any]:
     responses={503: {"model": ProtocolError}},
 )
 async def server_ready(request: Request) -> dict[str, Any]:
-    check_ready(request.app.state.service)
+    reason = request.app.state.registry.not_ready_reason()
+    if reason is not None:
+        raise V2Error(503, reason, {"retry-after": "1"})
     return {"ready": True}
 
 
@@ -98,8 +108,9 @@ def check_ready(service: ModelService) -> None:
 
 @router.get("/models/stats", summary="Statistics of every model (statistics extension)")
 async def all_statistics(request: Request) -> dict[str, Any]:
-    model = served_model(request.app.state.service)
-    return {"model_stats": [model.stats.as_dict(model.name, model.version)]}
+    hosts = sorted(request.app.state.registry.hosts.items())
+    models = [served_model(host.current) for _, host in hosts]
+    return {"model_stats": [model.stats.as_dict(model.name, model.version) for model in models]}
 
 
 @router.get("/models/{model_name}", response_model=ModelMetadata, responses=ERRORS)
@@ -123,7 +134,7 @@ async def model_metadata(
 )
 async def model_ready(request: Request, model_name: str, model_version: str = "") -> dict[str, Any]:
     model = model_for(request, model_name, model_version)
-    check_ready(request.app.state.service)
+    check_ready(service_for(request.app.state.registry, model_name))
     return {"name": model.name, "ready": True}
 
 
@@ -194,19 +205,35 @@ class ServedBelow(Response):
     """Answers with the same ASGI handler BlinkApp calls, from FastAPI's route."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        service = scope["app"].state.service
-        await serve_infer(service, scope, receive, send)
+        registry = scope["app"].state.registry
+        name = scope["path_params"]["model_name"]
+        host = registry.hosts.get(name)
+        if host is None:
+            await unknown_model(registry, name, send)
+            return
+        await serve_infer(host.current, scope, receive, send)
 
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
-async def infer_asgi(service: ModelService, scope: Scope, receive: Receive, send: Send) -> bool:
+async def infer_asgi(registry: ModelRegistry, scope: Scope, receive: Receive, send: Send) -> bool:
     """The hot path below FastAPI's middleware, as /classify is; False if not an infer path."""
-    if INFER_PATH.fullmatch(scope["path"]) is None:
+    match = INFER_PATH.fullmatch(scope["path"])
+    if match is None:
         return False
-    await serve_infer(service, scope, receive, send)
+    host = registry.hosts.get(match[1])
+    if host is None:
+        await unknown_model(registry, match[1], send)
+    else:
+        await serve_infer(host.current, scope, receive, send)
     return True
+
+
+async def unknown_model(registry: ModelRegistry, name: str, send: Send) -> None:
+    """404 for a model that is not served (not counted: only served models have series)."""
+    error = V2Error(404, registry.unknown_message(name))
+    await send_response(send, 404, error_body(error), JSON, [])
 
 
 def model_names(scope: Scope) -> tuple[str, str]:

@@ -1,0 +1,132 @@
+"""The response cache: answers to repeated images, without decoding or queueing them again.
+
+Keyed by the SHA-256 of the request body and everything else that decides the answer: the
+model's name, version and variant, and the answer's parameters (`top_k`, `coverage`). A
+cryptographic hash because the cache is shared by every client: one must not be able to make
+another's image answer with its own. SHA-256 runs at about 2 GB/s with the CPU's SHA extensions
+(0.17 ms for a 300 KB photo), a few percent of decoding it.
+
+Bounded in bytes (each entry counts its answer, its key and a fixed overhead), least recently
+used first out. Identical requests that miss at the same time run once: the first computes, the
+others wait for its answer (`coalesced`); if it fails, each computes its own. A model's entries
+are dropped when it reloads or leaves (`drop_model`); the version in the key already keeps a new
+version from reading an old answer, this frees the memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from app.errors import DeadlineExceeded
+
+if TYPE_CHECKING:
+    from app.metrics import ServiceMetrics
+
+# What an entry costs besides its answer and digest: the key tuple, the dict slot, the bytes
+# headers (measured with sys.getsizeof on CPython 3.11, rounded up).
+ENTRY_OVERHEAD_BYTES = 400
+# (model name, version, variant) + the answer's parameters + the body's digest
+Key = tuple[object, ...]
+
+
+def cache_bypassed(cache_control: bytes | None) -> tuple[bool, bool]:
+    """(skip the lookup, skip the store) for a request's Cache-Control header.
+
+    `no-cache`: answer afresh (and keep that answer); `no-store`: answer afresh, keep nothing.
+    """
+    if not cache_control:
+        return False, False
+    directives = {d.strip().split(b"=", 1)[0] for d in cache_control.lower().split(b",")}
+    no_store = b"no-store" in directives
+    return no_store or b"no-cache" in directives, no_store
+
+
+def body_digest(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
+
+
+class ResponseCache:
+    def __init__(self, max_bytes: int, metrics: ServiceMetrics) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[Key, bytes] = OrderedDict()
+        self._computing: dict[Key, asyncio.Future[bytes | None]] = {}
+        self._metrics = metrics
+        if not metrics.multiprocess:  # read at scrape time: requests pay nothing for them
+            metrics.cache_bytes.set_function(lambda: self.bytes)
+            metrics.cache_entries.set_function(lambda: len(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Key) -> bytes | None:
+        body = self._entries.get(key)
+        if body is not None:
+            self._entries.move_to_end(key)
+        return body
+
+    def put(self, key: Key, body: bytes) -> None:
+        size = entry_bytes(body)
+        if size > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= entry_bytes(old)
+        self._entries[key] = body
+        self.bytes += size
+        evicted = 0
+        while self.bytes > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= entry_bytes(dropped)
+            evicted += 1
+        if evicted:
+            self._metrics.cache_evictions.inc(evicted)
+        self._publish()
+
+    def drop_model(self, name: str) -> int:
+        """Forget every answer of model `name` (any version); how many there were."""
+        stale = [key for key in self._entries if key[0] == name]
+        for key in stale:
+            self.bytes -= entry_bytes(self._entries.pop(key))
+        self._publish()
+        return len(stale)
+
+    async def answer(
+        self, key: Key, compute: Callable[[], Awaitable[bytes]], wait_s: float
+    ) -> tuple[bytes, bool]:
+        """The answer to a missed `key`: (body, computed here). An identical request already
+        computing it is waited for, up to `wait_s`; otherwise (or when it fails) computed."""
+        computing = self._computing.get(key)
+        if computing is not None:
+            try:
+                body = await asyncio.wait_for(asyncio.shield(computing), wait_s)
+            except TimeoutError:
+                raise DeadlineExceeded("the request's deadline passed before its answer") from None
+            if body is not None:
+                return body, False
+            return await self.answer(key, compute, wait_s)  # it failed: compute our own
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._computing[key] = future
+        try:
+            body = await compute()
+        except BaseException:
+            future.set_result(None)  # the others compute their own: its failure is not theirs
+            raise
+        finally:
+            del self._computing[key]
+        self.put(key, body)
+        future.set_result(body)
+        return body, True
+
+    def _publish(self) -> None:
+        if self._metrics.multiprocess:  # each worker writes its own file
+            self._metrics.cache_bytes.set(self.bytes)
+            self._metrics.cache_entries.set(len(self._entries))
+
+
+def entry_bytes(body: bytes) -> int:
+    return len(body) + 32 + ENTRY_OVERHEAD_BYTES
