@@ -7,7 +7,7 @@ they serve, with `sys.settrace` opcode events. The difference between the two to
 Python price of the service's features; the per-function table shows where it goes. Native
 work (decoding, ONNX Runtime, JSON) is not counted.
 
-    python -m bench.bytecodes --model BUNDLE [--requests 1280] [--top 40]
+    python -m bench.bytecodes --model BUNDLE [--requests 1280] [--top 40] [--cache-bytes N]
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ async def ignore(message: dict) -> None:
     pass
 
 
-async def serve(app, bodies: list[bytes], requests: int) -> None:
-    """`requests` POST /classify, CONCURRENCY at a time."""
+async def serve(app, bodies: list[bytes], requests: int, unique: bool = False) -> None:
+    """`requests` POST /classify, CONCURRENCY at a time; `unique`: no body is sent twice (bytes
+    after the image's end differ, which decoders ignore), so a response cache always misses."""
     sent = 0
 
     async def client(first: int) -> None:
@@ -54,6 +55,8 @@ async def serve(app, bodies: list[bytes], requests: int) -> None:
         while sent < requests:
             sent += 1
             body = bodies[index % len(bodies)]
+            if unique:
+                body += b"%d" % sent
             index += 1
             headers = [(b"content-type", b"image/png"), (b"content-length", b"%d" % len(body))]
             scope = {
@@ -69,9 +72,9 @@ async def serve(app, bodies: list[bytes], requests: int) -> None:
     await asyncio.gather(*(client(k) for k in range(CONCURRENCY)))
 
 
-async def count(app, bodies: list[bytes], requests: int) -> Counter:
+async def count(app, bodies: list[bytes], requests: int, unique: bool = False) -> Counter:
     """Bytecodes per function while `app` serves `requests` (after a warm-up round)."""
-    await serve(app, bodies, 2 * CONCURRENCY)
+    await serve(app, bodies, 2 * CONCURRENCY, unique)
     counts: Counter = Counter()
     stdlib = str(Path(os.__file__).parent) + "/"
     root = str(Path(__file__).resolve().parent.parent) + "/"
@@ -87,22 +90,25 @@ async def count(app, bodies: list[bytes], requests: int) -> Counter:
     threading.settrace(trace)  # the engine thread too
     sys.settrace(trace)
     try:
-        await serve(app, bodies, requests)
+        await serve(app, bodies, requests, unique)
     finally:
         sys.settrace(None)
         threading.settrace(None)
     return counts
 
 
-async def service_counts(model: Path, bodies: list[bytes], requests: int) -> Counter:
+async def service_counts(
+    model: Path, bodies: list[bytes], requests: int, cache_bytes: int = 0
+) -> Counter:
+    """The service's counts; with a response cache, every request a miss (the most it adds)."""
     from app.main import create_app
     from app.settings import Settings
 
-    app = create_app(Settings(model=model, threads=1))
+    app = create_app(Settings(model=model, threads=1, cache_bytes=cache_bytes))
     async with app.api.router.lifespan_context(app.api):
         while app.state.registry.not_ready_reason() is not None:
             await asyncio.sleep(0.05)
-        return await count(app, bodies, requests)
+        return await count(app, bodies, requests, unique=cache_bytes > 0)
 
 
 async def minimal_counts(model: Path, bodies: list[bytes], requests: int) -> Counter:
@@ -136,12 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=1280)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=0,
+        help="the service's response cache (0: off); on, every request misses it",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:  # the benchmark's PNG bodies
         write_bodies(Path(scratch))
         bodies = [p.read_bytes() for p in sorted(Path(scratch).glob("*.bin"))]
     # uvloop, as the service runs: asyncio's pure-Python loop would add its own bytecodes
-    service = uvloop.run(service_counts(args.model, bodies, args.requests))
+    service = uvloop.run(service_counts(args.model, bodies, args.requests, args.cache_bytes))
     minimal = uvloop.run(minimal_counts(args.model, bodies, args.requests))
     print(report(service, minimal, args.requests, args.top))
 

@@ -2,6 +2,8 @@
 -- BENCH_BODIES: a directory of files named 0.bin, 1.bin, ... (the request bodies)
 -- BENCH_COUNT: how many; BENCH_PATH: the URL path; BENCH_TYPE: the Content-Type
 -- An optional i.headers file beside i.bin adds "Name: value" lines as headers of that request.
+-- BENCH_PACE_MS (optional): each connection waits a random time of this mean (exponential)
+-- after each answer, so that the offered load is paced rather than as fast as answers come.
 local dir = os.getenv("BENCH_BODIES")
 local count = tonumber(os.getenv("BENCH_COUNT"))
 local path = os.getenv("BENCH_PATH") or "/classify"
@@ -25,6 +27,13 @@ function init(args)
     prepared[i + 1] = wrk.format("POST", path, headers, body)
   end
   index = math.random(count)
+end
+
+local pace = tonumber(os.getenv("BENCH_PACE_MS") or "")
+if pace then
+  function delay()
+    return -pace * math.log(1 - math.random())
+  end
 end
 
 function request()

@@ -85,9 +85,17 @@ class Load:
     content_type: str = "image/png"
 
 
-def wrk(url: str, load: Load, cpu: int | str, conc: int, seconds: float) -> dict:
+def wrk(
+    url: str,
+    load: Load,
+    cpu: int | str,
+    conc: int,
+    seconds: float,
+    extra_env: dict[str, str] | None = None,
+) -> dict:
     env = {
         **os.environ,
+        **(extra_env or {}),
         "BENCH_BODIES": str(load.bodies),
         "BENCH_COUNT": str(load.count),
         "BENCH_PATH": load.path,
