@@ -111,16 +111,17 @@ class ModelRegistry:
         why = f" ({self.failed[name]})" if name in self.failed else ""
         return f"unknown model {name[:64]!r}{why}; served: {served}"
 
-    def no_default_message(self) -> str:
+    def no_default_message(self, how: str = "POST /models/{name}/classify") -> str:
+        """Why there is no default model, and `how` to name one instead."""
         served = ", ".join(sorted(self.hosts)) or "none"
         if self.settings.default_model:
             return (
                 f"the default model {self.settings.default_model!r} is not served; "
-                f"POST /models/{{name}}/classify with one of: {served}"
+                f"{how} with one of: {served}"
             )
         return (
             "several models are served and none is the default (set BLINK_DEFAULT_MODEL): "
-            f"POST /models/{{name}}/classify with one of: {served}"
+            f"{how} with one of: {served}"
         )
 
     # -- readiness --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.batch_policy import BatchPolicy
@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         "empty = the admin routes do not exist.",
         repr=False,
     )
+
+    @field_validator("repository", mode="before")
+    @classmethod
+    def empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # BLINK_REPOSITORY= means unset, not "."
 
     @model_validator(mode="after")
     def one_source(self) -> Settings:

@@ -7,7 +7,8 @@ Four parts, each a flag (all by default). The server gets every usable core; wrk
   under the same paced load (each connection waits a random time after each answer, so that
   each model's offered load is the same whether the other runs or not). Served from one
   process (the repository; intra-op threads at the default, and at one per session, which
-  cannot oversubscribe) and from two processes on the same cores.
+  cannot oversubscribe), from two workers that each serve both, and from two processes (one
+  model each) on the same cores.
 * `--overhead`: one model from a repository against `--model` (c=64 throughput, c=1 p50),
   cache off in both, rounds interleaved.
 * `--cache`: Lite0 with 2 MP JPEGs at c=64: every request a repeat, cache on against off; no
@@ -109,6 +110,7 @@ def two_models(args: argparse.Namespace, small: Load, photos: Load, scratch: Pat
     configs = {
         "one process": one_process,
         "one process, 1 thread per session": {**one_process, "BLINK_THREADS": "1"},
+        "two workers, each serving both": {**one_process, "BLINK_WORKERS": "2"},
     }
     small_path, lite_path = f"/models/{SMALL}/classify", f"/models/{LITE0}/classify"
     results: dict[str, dict[str, list[dict]]] = {}

@@ -54,7 +54,7 @@ async def reload(
     elif registry.default is not None:
         host = registry.default
     else:
-        raise InvalidParameter("several models are served: name one with ?model=NAME")
+        raise InvalidParameter(registry.no_default_message("name it with ?model=NAME"))
     outcome = await host.reload("admin")
     failed = outcome.result not in ("success", "unchanged")
     body = {"model": host.name, **outcome.as_dict()}
