@@ -6,12 +6,18 @@ than a small CNN's inference; these helpers do only what those paths need.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from starlette.types import Receive, Send
 
 from app.batching import ClientGone
 from app.errors import PayloadTooLarge
 
 Headers = list[tuple[bytes, bytes]]
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
 
 
 def header_list(headers: dict[str, str]) -> Headers:
@@ -25,8 +31,11 @@ def check_length(headers: dict[bytes, bytes], limit: int) -> None:
         raise PayloadTooLarge(f"body is {int(length)} bytes; the limit is {limit}")
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole body, failing once more than `limit` bytes arrive (chunked uploads too)."""
+async def read_body(receive: Receive, limit: int, hasher: Hasher | None = None) -> bytes:
+    """The whole body, failing once more than `limit` bytes arrive (chunked uploads too).
+
+    With a `hasher`, each chunk is hashed as it arrives: by the last one, the digest is almost
+    ready (the response cache's key costs little more than the body's transfer)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -38,6 +47,8 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+        if hasher is not None:
+            hasher.update(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 

@@ -243,3 +243,22 @@ def test_v2_serves_each_model_to_the_triton_client(repository_server):
     for name in ("grey", "colour"):
         labels = {"model": name, "route": "/v2/models/{name}/infer", "status": "200"}
         assert value(samples, "blink_requests_total", **labels) == 1
+
+
+def test_every_worker_serves_every_model(tmp_path, two_bundles):
+    grey, colour = two_bundles
+    repository = make_repository(tmp_path, {"grey": grey, "colour": colour})
+    with live_server(repository, threads=1, workers=2, repository=repository) as url:
+        ready = httpx.get(url + "/readyz", timeout=10).json()
+        for name in ("grey", "colour"):
+            for seed in range(8):  # spread over both workers
+                response = httpx.post(
+                    f"{url}/models/{name}/classify", content=png(seed), headers=PNG, timeout=10
+                )
+                assert response.status_code == 200, response.text
+                assert response.json()["model"]["name"] == name
+        listed = httpx.get(url + "/v1/models", timeout=10).json()
+    served = {(w["pid"], w["name"]) for w in ready["workers"]}
+    pids = {pid for pid, _ in served}
+    assert len(pids) == 2 and served == {(p, n) for p in pids for n in ("grey", "colour")}
+    assert [m["name"] for m in listed["models"]] == ["colour", "grey"]

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from app.admission import client_timeout_s
-from app.asgi import Headers, check_length, header_list, read_body, send_response
-from app.cache import ResponseCache, body_digest, cache_bypassed
+from app.asgi import Hasher, Headers, check_length, header_list, read_body, send_response
+from app.cache import ResponseCache, cache_bypassed, new_digest
 from app.disconnect import disconnect_probe, wait_all
 from app.errors import (
     BadImage,
@@ -76,14 +76,16 @@ async def answer(
     timeout_s = client_timeout_s(headers, service.settings.request_timeout_ms / 1000)
     deadline = time.monotonic() + timeout_s
     service.admission.check(1, timeout_s)  # before reading the body: a refusal costs almost nothing
-    data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
     cache = service.cache
     if cache is None:
+        data = await read_image(scope, receive, headers, service.settings.max_body_bytes)
         body, stages = await infer_answer(service, data, k, conformal, deadline, receive)
         extra = [(b"x-request-id", request_id)]
     else:
+        hasher = new_digest()  # fed as the body arrives
+        data = await read_image(scope, receive, headers, service.settings.max_body_bytes, hasher)
         body, stages, cached = await cached_answer(
-            cache, service, headers, data, k, conformal, deadline, receive
+            cache, service, headers, data, hasher.digest(), k, conformal, deadline, receive
         )
         extra = [(b"x-request-id", request_id), (b"x-cache", cached)]
     total = (time.perf_counter() - started) * 1000
@@ -136,16 +138,18 @@ async def cached_answer(
     service: ModelService,
     headers: dict[bytes, bytes],
     data: bytes,
+    digest: bytes,
     k: int,
     conformal: Conformal | None,
     deadline: float,
     receive: Receive,
 ) -> tuple[bytes, bytes, bytes]:
-    """The answer through the response cache: (JSON, Server-Timing stages, X-Cache)."""
+    """The answer through the response cache: (JSON, Server-Timing stages, X-Cache).
+    `digest` is the image's SHA-256."""
     skip_lookup, no_store = cache_bypassed(headers.get(b"cache-control"))
     counts = service.metrics.cache
     looked_up = time.perf_counter()
-    key = (*service.cache_scope, k, conformal, body_digest(data))
+    key = (*service.cache_scope, k, conformal, digest)
     if skip_lookup:
         counts[BYPASS].inc()
         fresh, stages = await infer_answer(service, data, k, conformal, deadline, receive)
@@ -228,17 +232,25 @@ def parse_coverage(text: str) -> float:
 
 
 async def read_image(
-    scope: Scope, receive: Receive, headers: dict[bytes, bytes], limit: int
+    scope: Scope,
+    receive: Receive,
+    headers: dict[bytes, bytes],
+    limit: int,
+    hasher: Hasher | None = None,
 ) -> bytes:
+    """The image's bytes; with a `hasher`, those bytes (not a multipart envelope) hashed."""
     content_type = headers.get(b"content-type", b"")
     check_length(headers, limit)
     if content_type in RAW_CONTENT_TYPES:  # exactly as listed: no parameters to strip
-        return await read_body(receive, limit)
+        return await read_body(receive, limit, hasher)
     media_type = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
     if media_type in RAW_MEDIA_TYPES:
-        return await read_body(receive, limit)
+        return await read_body(receive, limit, hasher)
     if media_type == MULTIPART:
-        return await read_multipart_file(scope, limited(receive, limit))
+        data = await read_multipart_file(scope, limited(receive, limit))
+        if hasher is not None:
+            hasher.update(data)
+        return data
     raise UnsupportedMediaType(
         f"Content-Type {media_type!r} is not accepted: send image/jpeg, image/png, image/webp, "
         "image/bmp, image/gif, application/octet-stream, or multipart/form-data with a 'file' field"
