@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from app.errors import DeadlineExceeded
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
 # What an entry costs besides its answer and digest: the key tuple, the dict slot, the bytes
 # headers (measured with sys.getsizeof on CPython 3.11, rounded up).
 ENTRY_OVERHEAD_BYTES = 400
+ENTRY_FIXED_BYTES = 32 + ENTRY_OVERHEAD_BYTES  # the digest, and the above
 # (model name, version, variant) + the answer's parameters + the body's digest
 Key = tuple[object, ...]
 
@@ -56,7 +56,8 @@ class ResponseCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: OrderedDict[Key, bytes] = OrderedDict()
-        self._computing: dict[Key, asyncio.Future[bytes | None]] = {}
+        # keys being computed, with the future of those waiting for them (None: nobody yet)
+        self._computing: dict[Key, asyncio.Future[bytes | None] | None] = {}
         self._metrics = metrics
         if not metrics.multiprocess:  # read at scrape time: requests pay nothing for them
             metrics.cache_bytes.set_function(lambda: self.bytes)
@@ -72,12 +73,12 @@ class ResponseCache:
         return body
 
     def put(self, key: Key, body: bytes) -> None:
-        size = entry_bytes(body)
+        size = len(body) + ENTRY_FIXED_BYTES
         if size > self.max_bytes:
             return
         old = self._entries.pop(key, None)
         if old is not None:
-            self.bytes -= entry_bytes(old)
+            self.bytes -= len(old) + ENTRY_FIXED_BYTES
         self._entries[key] = body
         self.bytes += size
         evicted = 0
@@ -97,32 +98,33 @@ class ResponseCache:
         self._publish()
         return len(stale)
 
-    async def answer(
-        self, key: Key, compute: Callable[[], Awaitable[bytes]], wait_s: float
-    ) -> tuple[bytes, bool]:
-        """The answer to a missed `key`: (body, computed here). An identical request already
-        computing it is waited for, up to `wait_s`; otherwise (or when it fails) computed."""
-        computing = self._computing.get(key)
-        if computing is not None:
-            try:
-                body = await asyncio.wait_for(asyncio.shield(computing), wait_s)
-            except TimeoutError:
-                raise DeadlineExceeded("the request's deadline passed before its answer") from None
-            if body is not None:
-                return body, False
-            return await self.answer(key, compute, wait_s)  # it failed: compute our own
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._computing[key] = future
+    def claim(self, key: Key) -> asyncio.Future[bytes | None] | None:
+        """After a miss: None if the caller is the first to ask (it computes the answer, then
+        `settle`s it); else a future that the first one's answer (or None, if it failed) will
+        settle. The future is made only when a second request asks: a lone miss makes none."""
+        if key not in self._computing:
+            self._computing[key] = None
+            return None
+        waiting = self._computing[key]
+        if waiting is None:
+            waiting = self._computing[key] = asyncio.get_running_loop().create_future()
+        return waiting
+
+    def settle(self, key: Key, body: bytes | None) -> None:
+        """The claimed answer, kept and handed to those waiting; None: it failed, and each
+        waiting request computes its own (its failure is not theirs)."""
+        waiting = self._computing.pop(key)
+        if body is not None:
+            self.put(key, body)
+        if waiting is not None:
+            waiting.set_result(body)
+
+    async def wait(self, waiting: asyncio.Future[bytes | None], wait_s: float) -> bytes | None:
+        """The answer an identical request is computing, within the caller's deadline."""
         try:
-            body = await compute()
-        except BaseException:
-            future.set_result(None)  # the others compute their own: its failure is not theirs
-            raise
-        finally:
-            del self._computing[key]
-        self.put(key, body)
-        future.set_result(body)
-        return body, True
+            return await asyncio.wait_for(asyncio.shield(waiting), wait_s)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed before its answer") from None
 
     def _publish(self) -> None:
         if self._metrics.multiprocess:  # each worker writes its own file
@@ -131,4 +133,4 @@ class ResponseCache:
 
 
 def entry_bytes(body: bytes) -> int:
-    return len(body) + 32 + ENTRY_OVERHEAD_BYTES
+    return len(body) + ENTRY_FIXED_BYTES

@@ -190,8 +190,9 @@ def overhead(args: argparse.Namespace, small: Load, scratch: Path) -> dict:
         "--repository": {"BLINK_REPOSITORY": str(repository), **CACHE_OFF},
     }
     runs: dict[str, dict[str, list[dict]]] = {name: {"c64": [], "c1": []} for name in configs}
-    for _ in range(2 * args.repeat + 1):  # c=1 p50 moves more between servers than c=64
-        for name, env in configs.items():
+    for round_ in range(2 * args.repeat + 1):  # c=1 p50 moves more between servers than c=64
+        order = list(configs.items())
+        for name, env in order if round_ % 2 == 0 else reversed(order):  # neither always first
             with serving(env, scratch) as (url, _):
                 run_wrk(url, small, 64, 1)
                 runs[name]["c64"].append(run_wrk(url, small, 64, args.seconds))

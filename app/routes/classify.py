@@ -160,20 +160,26 @@ async def cached_answer(
     if hit is not None:
         counts[HIT].inc()
         return hit, b"cache;dur=%.3f" % ((time.perf_counter() - looked_up) * 1000), HIT_HEADER
-    computed: list[bytes] = []
-
-    async def compute() -> bytes:
-        body, stages = await infer_answer(service, data, k, conformal, deadline, receive)
-        computed.append(stages)
-        return body
-
-    body, here = await cache.answer(key, compute, wait_s=deadline - time.monotonic())
-    if here:
+    waiting = cache.claim(key)
+    if waiting is not None:  # an identical request is computing it
+        shared = await cache.wait(waiting, deadline - time.monotonic())
+        if shared is not None:
+            counts[COALESCED].inc()
+            stages = b"cache;dur=%.3f" % ((time.perf_counter() - looked_up) * 1000)
+            return shared, stages, COALESCED_HEADER
+        # it failed: this one computes its own, unshared
+        fresh, stages = await infer_answer(service, data, k, conformal, deadline, receive)
+        cache.put(key, fresh)
         counts[MISS].inc()
-        return body, computed[0], MISS_HEADER
-    counts[COALESCED].inc()
-    stages = b"cache;dur=%.3f" % ((time.perf_counter() - looked_up) * 1000)
-    return body, stages, COALESCED_HEADER
+        return fresh, stages, MISS_HEADER
+    try:
+        fresh, stages = await infer_answer(service, data, k, conformal, deadline, receive)
+    except BaseException:
+        cache.settle(key, None)
+        raise
+    cache.settle(key, fresh)
+    counts[MISS].inc()
+    return fresh, stages, MISS_HEADER
 
 
 def error_answer(outcome: Outcome, exc: BaseException) -> tuple[int, bytes, Headers]:
