@@ -73,6 +73,38 @@ class OutputSpec(BaseModel):
     kind: Literal["logits", "probabilities"] = "logits"
 
 
+class Reference(BaseModel):
+    """How the model answers on held-out images like its training data: what the service
+    compares its recent answers with to tell that the images it sees have changed.
+
+    Measured on the served variant's served scores (calibrated, where the bundle is): the
+    share of answers per predicted class, the histogram of top-1 scores, and the share of
+    answers whose top-1 score is below `low_confidence_threshold`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str = Field(description="The images it was measured on")
+    images: int = Field(gt=0)
+    class_frequencies: list[float] = Field(description="Share of answers per class index")
+    score_edges: list[float] = Field(min_length=2, description="Top-1 score bins, ascending")
+    score_frequencies: list[float] = Field(description="Share of answers per score bin")
+    low_confidence_threshold: float = Field(ge=0, le=1)
+    low_confidence_rate: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _shares(self) -> Reference:
+        if len(self.score_frequencies) != len(self.score_edges) - 1:
+            raise ValueError("score_frequencies needs one entry per bin between score_edges")
+        if any(b <= a for a, b in zip(self.score_edges, self.score_edges[1:], strict=False)):
+            raise ValueError("score_edges must ascend")
+        for name in ("class_frequencies", "score_frequencies"):
+            shares = getattr(self, name)
+            if any(f < 0 for f in shares) or abs(sum(shares) - 1) > 1e-6:
+                raise ValueError(f"{name} must be non-negative shares that sum to 1")
+        return self
+
+
 class Calibration(BaseModel):
     """What makes scores meaningful: a temperature fitted on a split the model never trained
     on, and split-conformal thresholds for prediction sets (docs/calibration.md).
@@ -142,6 +174,8 @@ class Manifest(BaseModel):
     provenance: dict[str, object] = Field(default_factory=dict)
     # absent in bundles built without labelled held-out data: scores are then the plain softmax
     calibration: Calibration | None = None
+    # absent likewise: no drift is measured against it
+    reference: Reference | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> Manifest:
@@ -151,6 +185,11 @@ class Manifest(BaseModel):
             )
         if "fp32" not in self.variants:
             raise ValueError("variants must include fp32")
+        if self.reference is not None and len(self.reference.class_frequencies) != len(self.labels):
+            raise ValueError(
+                f"reference.class_frequencies has {len(self.reference.class_frequencies)} "
+                f"entries for {len(self.labels)} labels"
+            )
         return self
 
     def dump(self) -> str:

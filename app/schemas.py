@@ -134,6 +134,20 @@ class CalibrationOut(BaseModel):
     summary: str = Field(description="The above in one sentence")
 
 
+class ReferenceOut(BaseModel):
+    recorded: bool = Field(description="false: the bundle has no reference behaviour")
+    split: str | None = Field(None, description="The held-out images it was measured on")
+    images: int | None = None
+    class_frequencies: list[float] | None = Field(None, description="Share of answers per class")
+    score_edges: list[float] | None = Field(None, description="Top-1 score histogram bins")
+    score_frequencies: list[float] | None = Field(None, description="Share of answers per bin")
+    low_confidence_threshold: float | None = None
+    low_confidence_rate: float | None = Field(
+        None, description="Share of answers whose top-1 score is below the threshold"
+    )
+    summary: str
+
+
 class ModelOut(BaseModel):
     name: str
     version: str
@@ -146,6 +160,7 @@ class ModelOut(BaseModel):
     batching: Batching
     metrics: dict[str, Any]
     calibration: CalibrationOut
+    reference: ReferenceOut
     ready: bool = Field(description="Warmed up and taking requests in the answering worker")
     default: bool = Field(description="Whether POST /classify answers with this model")
     error: str | None = Field(None, description="Why it is not ready, if it is not")

@@ -45,6 +45,17 @@ def test_latest_points_at_the_version(built: Path) -> None:
     assert not [p for p in built.iterdir() if p.name.startswith(".")]  # no staging left over
 
 
+def test_manifest_records_the_reference_behaviour_on_the_test_split(built: Path) -> None:
+    manifest = load_bundle(built / "latest").manifest
+    reference = manifest.reference
+    assert reference is not None and reference.images > 0
+    assert "test split" in reference.split and "int8 outputs" in reference.split
+    assert len(reference.class_frequencies) == len(manifest.labels)
+    assert sum(reference.class_frequencies) == pytest.approx(1)
+    assert sum(reference.score_frequencies) == pytest.approx(1)
+    assert 0 <= reference.low_confidence_rate <= 1
+
+
 def test_manifest_has_every_contract_field(built: Path) -> None:
     bundle = load_bundle(built / "latest")
     manifest = bundle.manifest

@@ -120,6 +120,7 @@ def test_without_calibration_only_fp32_and_the_report_says_why(tmp_path, workspa
     assert status == 0, err
     bundle = imported(tmp_path / "repo", "grey")
     assert list(bundle.manifest.variants) == ["fp32"]
+    assert bundle.manifest.reference is None  # no --eval: no reference behaviour to record
     assert bundle.manifest.input.color == "L" and bundle.manifest.input.crop_fraction == 1.0
     report = (bundle.directory / "report.md").read_text()
     assert "fp32 only: no --calibrate DIR was given" in report
@@ -380,6 +381,12 @@ def test_eval_images_calibrate_scores_and_prediction_sets(tmp_path, workspace, c
     assert set(calibration.coverage) == {"0.5", "0.6"}
     assert all(0 <= value <= 1 for value in calibration.coverage.values())
     assert "--eval images, fp32 outputs" in calibration.split
+    # the reference behaviour, on the half of the --eval images that measures
+    reference = imported(tmp_path / "repo", "calibrated").manifest.reference
+    total = len(list((tmp_path / "eval").rglob("*.png")))
+    assert reference is not None and total // 3 <= reference.images < total
+    assert "--eval images" in reference.split
+    assert sum(reference.class_frequencies) == pytest.approx(1)
     status, err = import_model(capsys, source, *common, "--coverage", "0.99", "--version", "v2")
     assert status == 2 and "too few --eval images for the calibration split" in err
     status, err = import_model(

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.bundle import Calibration
+from app.bundle import Calibration, Reference
 from app.registry import ModelRegistry
 from app.schemas import ModelList
 from app.service import ModelService
@@ -60,9 +60,33 @@ def describe(service: ModelService, default: bool) -> dict[str, Any]:
         },
         "metrics": manifest.metrics,
         "calibration": calibration_fields(manifest.calibration),
+        "reference": reference_fields(manifest.reference),
         "ready": service.ready,
         "default": default,
         "error": service.not_ready_reason(),
+    }
+
+
+def reference_fields(reference: Reference | None) -> dict[str, Any]:
+    """The held-out behaviour the bundle recorded (what drift is measured against), or none."""
+    if reference is None:
+        return {
+            "recorded": False,
+            "summary": "no reference behaviour in the bundle (build with labelled data, or "
+            "blink import --eval): nothing to compare its answers with",
+        }
+    return {
+        "recorded": True,
+        "split": reference.split,
+        "images": reference.images,
+        "class_frequencies": reference.class_frequencies,
+        "score_edges": reference.score_edges,
+        "score_frequencies": reference.score_frequencies,
+        "low_confidence_threshold": reference.low_confidence_threshold,
+        "low_confidence_rate": reference.low_confidence_rate,
+        "summary": f"measured on {reference.images} held-out images: "
+        f"{reference.low_confidence_rate:.1%} of answers below a top-1 score of "
+        f"{reference.low_confidence_threshold:g}",
     }
 
 

@@ -180,6 +180,8 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
         },
     )
     manifest.calibration = score_calibration
+    images = len(dataset.test_labels)
+    manifest.reference = test_reference(variants, logits, score_calibration, images)
     manifest.provenance["parity_max_abs_logit_diff"] = parity
     manifest.provenance["quantization"] = quantization
     manifest.provenance["gate"] = {
@@ -195,6 +197,16 @@ def assemble(state, dataset, model, splits, spec: InputSpec, directory: Path, na
         report.write_report(directory, manifest, state, dataset, logits)
     (directory / MANIFEST_FILE).write_text(manifest.dump())  # with the report's timings
     return manifest, failures
+
+
+def test_reference(variants, logits, calibration, images: int):
+    """The served variant's answers on the test split, as the service scores them."""
+    from models.evaluate.reference import reference_behaviour
+
+    variant = served_variant(variants)
+    temperature = calibration.temperature if calibration is not None else 1.0
+    split = f"test split ({images} images), {variant} outputs"
+    return reference_behaviour(logits[variant], split, temperature=temperature)
 
 
 def served_variant(variants) -> str:

@@ -126,12 +126,15 @@ def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directo
                 for key, images in checked.images.items()
             }
     measure(args, source, checked, outputs, checks, output.kind == "probabilities")
-    calibration = None
+    calibration = reference = None
     if checked.eval_classes is not None:
         with state.stage("calibrate scores"):
             served = "int8" if "int8" in variants else "fp32"
             calibration = calibrate_on_eval(
                 state, outputs[served]["eval"], checked.eval_classes, output.kind, served
+            )
+            reference = eval_reference(
+                state, outputs[served]["eval"], checked.eval_classes, output.kind, calibration
             )
     with state.stage("speed"):
         from app.engine import Engine
@@ -153,6 +156,7 @@ def assemble(state, source: Source, spec: InputSpec, output: OutputSpec, directo
     }
     manifest = make_manifest(state, source, spec, output, directory, variants, metrics)
     manifest.calibration = calibration
+    manifest.reference = reference
     manifest.provenance.update(
         batch=batch_notes,
         quantization=quantization,
@@ -466,6 +470,23 @@ def calibrate_on_eval(state, outputs: np.ndarray, classes: np.ndarray, kind: str
     )
     log(f"calibration: temperature {result.temperature:.3f}, coverage {result.coverage}")
     return result
+
+
+def eval_reference(state, outputs: np.ndarray, classes: np.ndarray, kind: str, calibration):
+    """The reference behaviour on the --eval images that measure (the half that neither fits
+    the temperature nor sets the thresholds), scored as the service scores them."""
+    from models.evaluate import calibration as calib
+    from models.evaluate.reference import reference_behaviour
+
+    _, _, test = calib.stratified_parts(classes, (0.25, 0.25), state.args.seed)
+    if not len(test):
+        return None
+    return reference_behaviour(
+        outputs[test],
+        f"--eval images ({len(test)}, those that measure the calibration)",
+        temperature=calibration.temperature if calibration is not None else 1.0,
+        probabilities=kind == "probabilities",
+    )
 
 
 def top_probability(outputs: np.ndarray, probabilities: bool) -> np.ndarray:
