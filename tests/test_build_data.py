@@ -40,7 +40,7 @@ def write_idx_dataset(
     for key, stem in data.IDX_FILES.items():
         raw = idx_bytes(arrays[key])
         if compress:
-            (directory / f"{stem}.gz").write_bytes(gzip.compress(raw))
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(raw, mtime=0))
         else:
             (directory / stem).write_bytes(raw)
     return arrays
