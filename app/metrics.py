@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,6 +33,8 @@ LATENCY_BUCKETS = (
     *(round(base * 10.0**exp, 7) for exp in range(-5, 1) for base in (1, 2, 3, 5, 7.5)),
     10.0,
 )
+# Top-1 scores in steps of 0.05, as the drift histogram bins them.
+SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(1, 21))
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 # Declared at zero from the start, so that rates over them read 0 rather than nothing.
 REJECTION_REASONS = (
@@ -69,6 +72,13 @@ class BisectHistogram(Histogram):
         self._sum.inc(amount)
         # bisect_left finds the first bound >= amount, as the scan does; the last bound is +Inf.
         self._buckets[bisect_left(self._upper_bounds, amount)].inc(1)
+
+    def observe_array(self, amounts: np.ndarray) -> None:
+        """Observe every amount of an array: Python work per bucket, not per amount."""
+        self._sum.inc(float(amounts.sum()))
+        indices = np.searchsorted(self._upper_bounds, amounts, side="left")  # as bisect_left
+        for index in np.flatnonzero(counts := np.bincount(indices)):
+            self._buckets[index].inc(int(counts[index]))
 
     def observe_all(self, amounts: Sequence[float]) -> None:
         """Observe every amount, writing each touched bucket once (a batch's queue waits)."""
@@ -230,6 +240,57 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        # What the models answer (app/monitor.py), counted off the request path.
+        self.predictions = Counter(
+            "blink_predictions",
+            "Answers computed, by model and predicted label (cache hits are not counted again).",
+            ["model", "label"],
+            registry=reg,
+        )
+        self.top_score = BisectHistogram(
+            "blink_top_score",
+            "The top-1 score of each answer computed (calibrated, where the bundle is).",
+            ["model"],
+            buckets=SCORE_BUCKETS,
+            registry=reg,
+        )
+        self.low_confidence = Counter(
+            "blink_low_confidence_answers",
+            "Answers whose top-1 score is below the bundle's low-confidence threshold.",
+            ["model"],
+            registry=reg,
+        )
+        self.class_drift = Gauge(
+            "blink_drift_class_mix",
+            "Jensen-Shannon distance (0-1) of the recent answers' predicted-class mix from the "
+            "bundle's reference; absent without a reference.",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.confidence_drift = Gauge(
+            "blink_drift_confidence",
+            "Jensen-Shannon distance (0-1) of the recent answers' top-1 score histogram from "
+            "the bundle's reference; absent without a reference.",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.window_answers = Gauge(
+            "blink_drift_window_answers",
+            "Answers in the sliding window the drift is measured over (BLINK_DRIFT_WINDOW at "
+            "most).",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self.reference_low_confidence = Gauge(
+            "blink_reference_low_confidence_ratio",
+            "The share of low-confidence answers in the bundle's reference behaviour.",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
         if reg is not None:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
@@ -279,6 +340,13 @@ MODEL_FAMILIES = (
     "ready",
     "reloads",
     "cache_lookups",
+    "predictions",
+    "top_score",
+    "low_confidence",
+    "class_drift",
+    "confidence_drift",
+    "window_answers",
+    "reference_low_confidence",
 )
 
 
@@ -310,6 +378,10 @@ class ModelMetrics:
         self.cache = {
             result: metrics.cache_lookups.labels(name, result) for result in CACHE_RESULTS
         }
+        self.top_score = metrics.top_score.labels(name)
+        self.low_confidence = metrics.low_confidence.labels(name)
+        self.window_answers = metrics.window_answers.labels(name)
+        self._predictions: dict[str, Counter] = {}
         self._answered: dict[tuple[str, int], tuple[Counter, BisectHistogram]] = {}
         # Declared at zero, so that rate() sees the first requests after a start.
         for route in DECLARED_ROUTES:
@@ -333,6 +405,23 @@ class ModelMetrics:
 
     def rejected(self, reason: str) -> None:
         self._rejected[reason].inc()
+
+    def predicted(self, label: str, count: int) -> None:
+        """`count` more answers of `label` (a series per label answered: bounded by labels)."""
+        child = self._predictions.get(label)
+        if child is None:
+            child = self._predictions[label] = self.family.predictions.labels(self.name, label)
+        child.inc(count)
+
+    def drift_gauges(self) -> tuple[Gauge, Gauge, Gauge]:
+        """Class-mix drift, confidence drift and the reference's low-confidence share: made
+        only for a model whose bundle has a reference (without one, they are absent)."""
+        family, name = self.family, self.name
+        return (
+            family.class_drift.labels(name),
+            family.confidence_drift.labels(name),
+            family.reference_low_confidence.labels(name),
+        )
 
     def reloaded(self, result: str) -> None:
         self._reloads[result].inc()

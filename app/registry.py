@@ -30,6 +30,7 @@ from app.service import ModelService, Shared, worker_list, workers_not_ready
 from app.settings import Settings
 
 log = logging.getLogger("blink.registry")
+MONITOR_INTERVAL_S = 1.0  # how often answers are counted and drift measured
 
 
 class UnknownModel(LookupError):
@@ -79,7 +80,9 @@ class ModelRegistry:
         self._publish_ready()
 
     def start(self) -> None:
-        """Arm the triggers this process has: the watcher (if set) and SIGHUP."""
+        """Arm the triggers this process has: the watcher (if set) and SIGHUP; and the
+        monitor's flushes."""
+        self._tasks.append(asyncio.create_task(self.monitor_answers(MONITOR_INTERVAL_S)))
         if self.settings.watch_interval_s > 0:
             self._tasks.append(asyncio.create_task(self.watch(self.settings.watch_interval_s)))
         # Only the main thread may own signal handlers (in-process test apps run elsewhere too).
@@ -226,6 +229,16 @@ class ModelRegistry:
         if self.shared.cache is not None:
             self.shared.cache.drop_model(name)
         log.info("model removed", extra={"model": name})
+
+    async def monitor_answers(self, interval_s: float) -> None:
+        """Count each model's recent answers and measure its drift, off the request path."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for host in list(self.hosts.values()):
+                try:
+                    host.current.monitor.flush()
+                except Exception:  # a bug must not stop the monitoring of the others
+                    log.exception("monitor flush failed", extra={"model": host.name})
 
     async def watch(self, interval_s: float) -> None:
         while True:

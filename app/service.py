@@ -28,6 +28,7 @@ from app.cache import ResponseCache
 from app.engine import Engine
 from app.errors import InvalidParameter, NotReady
 from app.metrics import ModelMetrics, ready_workers, worker_models
+from app.monitor import PredictionMonitor
 from app.preprocess import Preprocessor
 from app.settings import Settings, usable_cores
 
@@ -104,6 +105,16 @@ class ModelService:
         # worker writes every change (a scrape reads other workers' files, not their state).
         self._count_in_flight = metrics.multiprocess
         self.preprocessor = Preprocessor(manifest.input, settings.max_image_pixels)
+        self.monitor = PredictionMonitor(
+            metrics,
+            self.labels,
+            manifest.reference,
+            temperature=self.temperature,
+            probabilities=self.probabilities,
+            window=settings.drift_window,
+        )
+        # Each computed answer's output rows go here (one append); the monitor counts them.
+        self.answered = self.monitor.answered
         # the batcher and admission live no longer than this service, so `this()` is never None
         this = cast("Callable[[], ModelService]", weakref.ref(self))
         self.batcher = MicroBatcher(
@@ -266,6 +277,7 @@ class ModelService:
         while self.active_requests and time.monotonic() < give_up:
             await asyncio.sleep(CLOSE_POLL_S)
         await self.batcher.drain()
+        self.monitor.flush()
 
 
 def workers_not_ready(settings: Settings, multiprocess: bool) -> str | None:

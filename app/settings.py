@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="Look this often whether `latest` leads to a new version and reload it; "
         "0 = never (SIGHUP or the admin endpoint still reload).",
     )
+    drift_window: int = Field(
+        1000,
+        ge=10,
+        description="Answers in the sliding window whose class mix and top-1 scores are "
+        "compared with the bundle's reference (docs/monitoring.md).",
+    )
     admin_token: str = Field(
         "",
         description="Enables POST /admin/reload for requests with `Authorization: Bearer <token>`; "

@@ -145,6 +145,20 @@ def write_bundle(
     return directory
 
 
+def copy_with_reference(source: Path, directory: Path, outputs: np.ndarray) -> Path:
+    """A copy of the bundle `source` whose manifest records the reference behaviour of
+    `outputs` (its answers to some images, [N, classes]): drift is measured against it."""
+    from models.evaluate.reference import reference_behaviour
+
+    directory.mkdir(parents=True)
+    for item in source.iterdir():
+        (directory / item.name).write_bytes(item.read_bytes())
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["reference"] = reference_behaviour(outputs, "test").model_dump()
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
 def write_calibrated_bundle(
     directory: Path, calibration: dict[str, object], model: onnx.ModelProto | None = None
 ) -> Path:

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -90,14 +91,22 @@ def recording_rule_names() -> set[str]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> set[str]:
-    """Every sample name of a real server's /metrics after it has answered requests."""
-    from tests.onnx_models import write_bundle
+    """Every sample name of a real server's /metrics after it has answered requests (with a
+    bundle that records a reference, so that the drift gauges exist, and once the monitor has
+    counted the answers: it does so about once a second)."""
+    import numpy as np
 
-    bundle = write_bundle(tmp_path_factory.mktemp("grafana") / "tiny" / "1")
+    from tests.onnx_models import copy_with_reference, write_bundle
+
+    root = tmp_path_factory.mktemp("grafana")
+    bundle = copy_with_reference(write_bundle(root / "source"), root / "tiny" / "1", np.eye(10))
     with live_server(bundle, threads=1) as url:
         asyncio.run(post(url, [png(i) for i in range(8)]))
         httpx.post(url + "/classify", content=b"junk", headers={"content-type": "image/png"})
-        text = httpx.get(url + "/metrics").text
+        deadline = time.monotonic() + 10
+        while "blink_predictions_total{" not in (text := httpx.get(url + "/metrics").text):
+            assert time.monotonic() < deadline, "the monitor never counted the answers"
+            time.sleep(0.1)
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
 

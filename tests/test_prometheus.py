@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtest.processes import free_port, stop_process
 from tests.conftest import ROOT, live_server
 from tests.images import png
+from tests.onnx_models import copy_with_reference
 from tests.test_grafana import dashboard
 from tests.test_grafana import queries as grafana_queries
 
@@ -111,6 +113,11 @@ UNITLESS = {
     "blink_ready",
     "blink_worker_ready",
     "blink_cache_entries",
+    "blink_top_score",
+    "blink_drift_class_mix",
+    "blink_drift_confidence",
+    "blink_drift_window_answers",
+    "blink_reference_low_confidence_ratio",
 }
 
 
@@ -241,8 +248,11 @@ def count_is(url: str, promql: str, expected: float):
 @needs_prometheus
 def test_real_prometheus_records_the_load(bundle_dir, tmp_path):
     classified = 'sum(blink_requests_total{job="blink",route="/classify",status="200"})'
+    # with a reference, so that the drift panels have data too
+    reference = np.full((10, 10), 0.0) + np.eye(10)
+    referenced = copy_with_reference(bundle_dir, tmp_path / "tiny" / "1", reference)
     with (
-        live_server(bundle_dir, threads=1, max_batch_size=16) as service,
+        live_server(referenced, threads=1, max_batch_size=16) as service,
         prometheus_server(tmp_path, service.removeprefix("http://")) as prom,
     ):
         wait_until(lambda: single(prom, 'up{job="blink"}') == 1, "scrape of the service")

@@ -106,6 +106,7 @@ async def infer_answer(
     probe = disconnect_probe(receive)
     pending = service.submit(tensor, deadline, probe)
     (result,) = await wait_all(service.batcher, [pending], receive, probe)
+    service.answered.append(result.outputs)
     outputs = result.outputs[0]
     reply: dict[str, Any] = {
         "model": service.model_fields,

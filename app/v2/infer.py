@@ -65,6 +65,7 @@ async def infer(
         logits = results[0].outputs
     else:
         logits = np.concatenate([r.outputs for r in results])
+    service.answered.append(logits)
     header = {"model_name": model.name, "model_version": model.version}
     if request.id is not None:
         header["id"] = request.id
