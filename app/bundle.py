@@ -6,8 +6,10 @@ which refuses, with a message that names the problem, anything it cannot serve e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -230,6 +232,46 @@ def resolve_bundle_dir(path: Path) -> Path:
     if not path.exists():
         raise BundleError(f"model bundle not found: {path} does not exist")
     raise BundleError(f"no {MANIFEST_FILE} in {path} (and no '{LATEST_POINTER}' pointer)")
+
+
+def point_latest(home: Path, version: str) -> None:
+    """Point `home/latest` at `version` atomically: readers see the old or the new, never none."""
+    link = home / LATEST_POINTER
+    temporary = link.with_name(f".{link.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    temporary.symlink_to(version)
+    os.replace(temporary, link)
+
+
+def promote(home: Path, version: str) -> str:
+    """Make `version` the one `<repository>/<name>` serves: check that it is a bundle the
+    service can load (its manifest, every variant's hash), then move `latest` to it. Returns
+    the version it named before ("" if none); promoting that one back is the rollback."""
+    if (home / MANIFEST_FILE).exists():
+        raise BundleError(f"{home} is a bundle without versions: there is nothing to promote")
+    if version in ("", LATEST_POINTER) or "/" in version or not (home / version).is_dir():
+        versions = (
+            sorted(
+                d.name
+                for d in home.iterdir()
+                if d.is_dir() and not d.name.startswith(".") and d.name != LATEST_POINTER
+            )
+            if home.is_dir()
+            else []
+        )
+        raise BundleError(
+            f"version {version!r} is not in {home} (versions: {', '.join(versions) or 'none'})"
+        )
+    bundle = load_bundle(home / version)  # a version that cannot serve is never promoted
+    for precision in bundle.manifest.variants:
+        verify_variant(bundle, precision)
+    try:
+        previous = resolve_bundle_dir(home).name
+    except BundleError:
+        previous = ""
+    point_latest(home, version)
+    return previous
 
 
 def read_manifest(directory: Path) -> Manifest:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from app.settings import Settings
 
+DEFAULT_REPO = "models/repository"
 SETTINGS_FLAGS = {
     "model": "BLINK_MODEL",
     "repository": "BLINK_REPOSITORY",
@@ -122,6 +123,28 @@ def prepare_multiprocess_metrics() -> str | None:
     return made
 
 
+def promote_version(args: argparse.Namespace) -> int:
+    """`blink promote MODEL VERSION`: move the model's `latest` (the service reloads it)."""
+    from app.bundle import BundleError, promote
+
+    home = Path(args.model)
+    if not home.is_dir() and os.sep not in args.model:  # a name in the repository
+        repository = args.repository or Path(os.environ.get("BLINK_REPOSITORY") or DEFAULT_REPO)
+        home = repository / args.model
+    try:
+        previous = promote(home, args.version)
+    except BundleError as exc:
+        print(f"blink: cannot promote: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{home}: latest -> {args.version} (was {previous or 'nothing'}); to roll back: "
+        f"blink promote {args.model} {previous}"
+        if previous
+        else f"{home}: latest -> {args.version}"
+    )
+    return 0
+
+
 def build(argv: list[str]) -> int:
     from models.commands.build import main as build_main
 
@@ -151,6 +174,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int)
     run.add_argument("--device", choices=DEVICES)
     run.add_argument("--variant", choices=VARIANTS)
+    move = commands.add_parser(
+        "promote", help="make a version the one a model serves (moves its latest pointer)"
+    )
+    move.add_argument("model", help="a model's name in the repository, or its <repository>/<name>")
+    move.add_argument("version", help="the version directory to serve; the previous one rolls back")
+    move.add_argument(
+        "--repository", type=Path, help=f"default: $BLINK_REPOSITORY or {DEFAULT_REPO}"
+    )
     commands.add_parser("build", help="train, quantize and export a model bundle", add_help=False)
     commands.add_parser(
         "import", help="turn an ONNX image classifier into a model bundle", add_help=False
@@ -165,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "import":
         return import_model(argv[1:])
     args = parser().parse_args(argv or ["serve"])
+    if args.command == "promote":
+        return promote_version(args)
     return serve(args)
 
 

@@ -47,11 +47,11 @@ import httpx
 import uvloop
 from PIL import Image
 
-from app.bundle import resolve_bundle_dir
+from app.bundle import point_latest, resolve_bundle_dir
 from bench.images import grey_images
 from loadtest.overload import wait_ready
 from loadtest.processes import free_port, rss_bytes, stop_process
-from loadtest.versions import FAULTS, add_version, point_latest
+from loadtest.versions import FAULTS, add_version
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "repository" / "fashion-mnist"

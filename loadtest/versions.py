@@ -6,13 +6,11 @@ Shared by the fault campaign (loadtest/faults.py) and the reload tests.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
-from app.bundle import LATEST_POINTER, MANIFEST_FILE, read_manifest
+from app.bundle import MANIFEST_FILE, read_manifest
 
 # What can be wrong with a new version; each must be refused, never served.
 FAULTS = {
@@ -46,13 +44,3 @@ def add_version(repository: Path, source: Path, version: str, *, fault: str | No
         raise ValueError(f"unknown fault {fault!r} (known: {sorted(FAULTS)})")
     (target / MANIFEST_FILE).write_text(manifest.model_copy(update=update).dump())
     return target
-
-
-def point_latest(repository: Path, version: str) -> None:
-    """Point `latest` at `version` atomically: readers see the old or the new, never none."""
-    link = repository / LATEST_POINTER
-    temporary = link.with_name(f".{link.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()
-    temporary.symlink_to(version)
-    os.replace(temporary, link)

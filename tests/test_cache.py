@@ -8,10 +8,11 @@ import asyncio
 import httpx
 import pytest
 
+from app.bundle import point_latest
 from app.cache import ENTRY_OVERHEAD_BYTES, ResponseCache, cache_bypassed, entry_bytes
 from app.metrics import ServiceMetrics
 from app.settings import Settings
-from loadtest.versions import add_version, point_latest
+from loadtest.versions import add_version
 from tests.conftest import running_app
 from tests.images import png
 from tests.metrics_text import parse, value

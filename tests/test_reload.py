@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.bundle import point_latest
 from app.settings import Settings
-from loadtest.versions import FAULTS, add_version, point_latest
+from loadtest.versions import FAULTS, add_version
 from tests.conftest import live_server, running_app
 from tests.images import png
 from tests.metrics_text import parse, scrape, value

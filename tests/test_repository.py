@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
+from app.bundle import point_latest
 from app.settings import Settings
-from loadtest.versions import add_version, point_latest
+from loadtest.versions import add_version
 from tests.conftest import live_server, running_app
 from tests.images import png
 from tests.metrics_text import parse, scrape, value

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from app.bundle import BundleError, point_latest, promote
 from app.errors import BlinkError, InvalidParameter, ModelNotFound
 from app.registry import ModelRegistry
 from app.schemas import ErrorResponse, ReloadResult
@@ -57,5 +59,40 @@ async def reload(
         raise InvalidParameter(registry.no_default_message("name it with ?model=NAME"))
     outcome = await host.reload("admin")
     failed = outcome.result not in ("success", "unchanged")
+    body = {"model": host.name, **outcome.as_dict()}
+    return JSONResponse(body, status_code=422 if failed else 200)
+
+
+@router.post(
+    "/promote",
+    response_model=ReloadResult,
+    summary="Move a model's `latest` to a version and serve it (rollback: the previous one)",
+    responses={
+        401: {"model": ErrorResponse, "description": "No or wrong admin token"},
+        404: {"model": ErrorResponse, "description": "No such model is served"},
+        422: {"model": ErrorResponse, "description": "No such version, or it failed to serve"},
+    },
+)
+async def promote_version(
+    request: Request,
+    model: Annotated[str, Query(description="The model")],
+    version: Annotated[str, Query(description="The version directory to serve")],
+) -> JSONResponse:
+    """The version is checked (manifest, hashes) before `latest` moves, and loaded and warmed
+    up in the worker that answers; if it fails there, `latest` moves back. With several workers
+    the others follow through the watcher (BLINK_WATCH_INTERVAL_S) or SIGHUP."""
+    check_token(request)
+    registry: ModelRegistry = request.app.state.registry
+    host = registry.hosts.get(model)
+    if host is None:
+        raise ModelNotFound(registry.unknown_message(model))
+    try:
+        previous = await asyncio.to_thread(promote, host.source, version)
+    except BundleError as exc:
+        raise InvalidParameter(str(exc)) from exc
+    outcome = await host.reload("promote")
+    failed = outcome.result not in ("success", "unchanged")
+    if failed and previous:  # the version that served stays the one `latest` names
+        await asyncio.to_thread(point_latest, host.source, previous)
     body = {"model": host.name, **outcome.as_dict()}
     return JSONResponse(body, status_code=422 if failed else 200)

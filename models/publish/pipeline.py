@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from app.bundle import LATEST_POINTER, Manifest, Precision, VariantFile, sha256_of
+from app.bundle import Manifest, Precision, VariantFile, point_latest, sha256_of
 
 # The files a bundle's variants live in (the contract in DESIGN.md).
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
@@ -107,15 +107,6 @@ def quiet_stdout():
         exporter_log.setLevel(level)
 
 
-def replace_symlink(link: Path, target: str) -> None:
-    """Point `link` at `target` atomically: readers see the old or the new version, never none."""
-    temporary = link.with_name(f".{link.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()
-    temporary.symlink_to(target)
-    os.replace(temporary, link)
-
-
 def verify(directory: Path) -> None:
     """The service's loader and engine accept the bundle and answer a batch."""
     from app.bundle import load_bundle
@@ -180,6 +171,6 @@ def publish(home: Path, version: str, write: Callable[[Path], tuple[Manifest, li
             "; ".join(failures) + f" (bundle kept at {final} for inspection; latest not moved)"
         )
     verify(final)
-    replace_symlink(home / LATEST_POINTER, version)
+    point_latest(home, version)
     log(f"bundle {final} ({manifest.variants['fp32'].size} bytes fp32), latest -> {version}")
     return final
