@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -12,9 +12,14 @@ from fastapi.responses import JSONResponse
 from app.bundle import BundleError, point_latest, promote
 from app.errors import BlinkError, InvalidParameter, ModelNotFound
 from app.registry import ModelRegistry
+from app.reload import ReloadOutcome
 from app.schemas import ErrorResponse, ReloadResult
 
 router = APIRouter(prefix="/admin", tags=["admin"])
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "No or wrong admin token"},
+    404: {"model": ErrorResponse, "description": "No such model is served"},
+}
 
 
 class Unauthorized(BlinkError):
@@ -36,8 +41,7 @@ def check_token(request: Request) -> None:
     response_model=ReloadResult,
     summary="Load the version a model's `latest` names now, in the worker that answers",
     responses={
-        401: {"model": ErrorResponse, "description": "No or wrong admin token"},
-        404: {"model": ErrorResponse, "description": "No such model is served"},
+        **ADMIN_ERRORS,
         422: {"model": ReloadResult, "description": "It failed; the serving version stays"},
     },
 )
@@ -57,10 +61,13 @@ async def reload(
         host = registry.default
     else:
         raise InvalidParameter(registry.no_default_message("name it with ?model=NAME"))
-    outcome = await host.reload("admin")
+    return reload_answer(host.name, await host.reload("admin"))
+
+
+def reload_answer(name: str, outcome: ReloadOutcome) -> JSONResponse:
+    """The outcome, 422 when the version did not come to serve."""
     failed = outcome.result not in ("success", "unchanged")
-    body = {"model": host.name, **outcome.as_dict()}
-    return JSONResponse(body, status_code=422 if failed else 200)
+    return JSONResponse({"model": name, **outcome.as_dict()}, status_code=422 if failed else 200)
 
 
 @router.post(
@@ -68,8 +75,7 @@ async def reload(
     response_model=ReloadResult,
     summary="Move a model's `latest` to a version and serve it (rollback: the previous one)",
     responses={
-        401: {"model": ErrorResponse, "description": "No or wrong admin token"},
-        404: {"model": ErrorResponse, "description": "No such model is served"},
+        **ADMIN_ERRORS,
         422: {"model": ErrorResponse, "description": "No such version, or it failed to serve"},
     },
 )
@@ -91,8 +97,7 @@ async def promote_version(
     except BundleError as exc:
         raise InvalidParameter(str(exc)) from exc
     outcome = await host.reload("promote")
-    failed = outcome.result not in ("success", "unchanged")
-    if failed and previous:  # the version that served stays the one `latest` names
+    if outcome.result not in ("success", "unchanged") and previous:
+        # the version that serves stays the one `latest` names
         await asyncio.to_thread(point_latest, host.source, previous)
-    body = {"model": host.name, **outcome.as_dict()}
-    return JSONResponse(body, status_code=422 if failed else 200)
+    return reload_answer(host.name, outcome)
