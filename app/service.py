@@ -46,6 +46,16 @@ LONE_DECODE_PIXELS = 4_000_000
 CLOSE_POLL_S = 0.01
 
 
+class Discard:
+    """Where answers go when nothing counts them (BLINK_MONITOR=false)."""
+
+    def append(self, rows: np.ndarray) -> None:
+        pass
+
+
+DISCARD = Discard()
+
+
 class Shared:
     """What every model of a process shares: sized for the machine, not per model."""
 
@@ -114,7 +124,7 @@ class ModelService:
             window=settings.drift_window,
         )
         # Each computed answer's output rows go here (one append); the monitor counts them.
-        self.answered = self.monitor.answered
+        self.answered = self.monitor.answered if settings.monitor else DISCARD
         # the batcher and admission live no longer than this service, so `this()` is never None
         this = cast("Callable[[], ModelService]", weakref.ref(self))
         self.batcher = MicroBatcher(

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         description="Look this often whether `latest` leads to a new version and reload it; "
         "0 = never (SIGHUP or the admin endpoint still reload).",
     )
+    monitor: bool = Field(
+        True,
+        description="Count what each model answers and measure its drift (docs/monitoring.md); "
+        "false: neither (the prediction metrics stay at zero).",
+    )
     drift_window: int = Field(
         1000,
         ge=10,

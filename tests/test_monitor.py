@@ -131,3 +131,12 @@ async def test_cache_hits_are_not_counted_again_and_no_reference_means_no_drift(
     assert value(samples, "blink_cache_lookups_total", result="hit") == 4
     assert not [key for key in samples if key[0].startswith("blink_drift_class")]
     assert value(samples, "blink_drift_window_answers") == 1
+
+
+async def test_monitoring_off_counts_nothing(bundle_dir):
+    async with running_app(Settings(model=bundle_dir, threads=1, monitor=False)) as client:
+        for seed in range(3):
+            assert (await client.post("/classify", content=png(seed), headers=PNG)).is_success
+        samples = await flushed_metrics(client)
+    assert value(samples, "blink_predictions_total") == 0
+    assert value(samples, "blink_top_score_count") == 0
