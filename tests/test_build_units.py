@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from app.bundle import point_latest
 from models.compress import prune, qat, quantize
 from models.evaluate import metrics as evaluate
 from models.evaluate import speed
 from models.export import onnx as export
 from models.nets import cnn as net
-from models.publish.pipeline import replace_symlink
 from models.train import loop as train
 
 
@@ -165,8 +165,8 @@ def test_speed_reports_every_variant(exported: Path) -> None:
 def test_latest_symlink_is_replaced_atomically(tmp_path: Path) -> None:
     (tmp_path / "v1").mkdir()
     (tmp_path / "v2").mkdir()
-    replace_symlink(tmp_path / "latest", "v1")
-    replace_symlink(tmp_path / "latest", "v2")
+    point_latest(tmp_path, "v1")
+    point_latest(tmp_path, "v2")
     assert (tmp_path / "latest").resolve() == (tmp_path / "v2").resolve()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1", "v2"]
 
