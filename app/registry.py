@@ -191,6 +191,7 @@ class ModelRegistry:
                     await self.remove(name)
                 for name in [n for n in self.failed if n not in sources]:
                     self._forget_failure(name)
+                    self.metrics.forget_model(name)  # its series go with it (blink_ready 0)
                 for name, source in sources.items():
                     if name not in self.hosts and self._retry(name, source):
                         await self.add(name, source)

@@ -155,6 +155,13 @@ async def test_a_broken_bundle_beside_a_good_one_is_reported_and_the_good_one_se
         broken = await client.post("/models/colour/classify", content=png(0), headers=PNG)
         listed = (await client.get("/v1/models")).json()
         samples = parse((await client.get("/metrics")).text)
+        # the broken bundle is taken away: it is no longer reported, and its series go
+        shutil.rmtree(repository / "colour")
+        await client.app.state.registry.scan("watch")  # type: ignore[attr-defined]
+        after = parse((await client.get("/metrics")).text)
+        failed_after = (await client.get("/readyz")).json()["failed"]
+    assert failed_after == {}
+    assert not [key for key in after if ("model", "colour") in key[1]]
     assert ready.status_code == 200
     assert "sha256" in ready.json()["failed"]["colour"]
     assert good.status_code == 200 and good.json()["model"]["name"] == "grey"

@@ -20,7 +20,7 @@ from app.asgi import Headers, check_length, header_list, read_body, send_respons
 from app.errors import BlinkError, Overloaded
 from app.outcomes import Outcome, serve_request
 from app.registry import ModelRegistry
-from app.service import ModelService
+from app.service import ModelService, workers_not_ready
 from app.v2.codec import compress, decompress
 from app.v2.errors import V2Error, error_body, error_response
 from app.v2.infer import Answer, infer
@@ -134,7 +134,11 @@ async def model_metadata(
 )
 async def model_ready(request: Request, model_name: str, model_version: str = "") -> dict[str, Any]:
     model = model_for(request, model_name, model_version)
-    check_ready(service_for(request.app.state.registry, model_name))
+    registry = request.app.state.registry
+    check_ready(service_for(registry, model_name))
+    others = workers_not_ready(registry.settings, registry.metrics.multiprocess)
+    if others is not None:  # any worker may answer: ready means every worker is
+        raise V2Error(503, others, {"retry-after": "1"})
     return {"name": model.name, "ready": True}
 
 
