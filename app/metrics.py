@@ -27,6 +27,8 @@ from prometheus_client import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from app.postprocess import SCORE_EDGES
+
 # 10 µs to 10 s, five buckets a decade: an idle queue wait, sub-millisecond inference and
 # multi-second stalls all land in a bucket narrow enough to read a p99 from.
 LATENCY_BUCKETS = (
@@ -34,7 +36,7 @@ LATENCY_BUCKETS = (
     10.0,
 )
 # Top-1 scores in steps of 0.05, as the drift histogram bins them.
-SCORE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(1, 21))
+SCORE_BUCKETS = SCORE_EDGES[1:]
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 # Declared at zero from the start, so that rates over them read 0 rather than nothing.
 REJECTION_REASONS = (

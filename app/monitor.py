@@ -21,15 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.postprocess import calibrated_scores
+from app.postprocess import LOW_CONFIDENCE, SCORE_EDGES, calibrated_scores, score_bins
 
 if TYPE_CHECKING:
     from app.bundle import Reference
     from app.metrics import ModelMetrics
-
-# Top-1 score bins when the bundle has no reference (with one, the reference's own).
-DEFAULT_EDGES = tuple(round(i * 0.05, 2) for i in range(21))
-DEFAULT_LOW_CONFIDENCE = 0.5
 
 
 def js_distance(p: np.ndarray, q: np.ndarray) -> float:
@@ -60,10 +56,11 @@ class PredictionMonitor:
         self._reference = reference
         self._temperature = temperature
         self._probabilities = probabilities
-        edges = reference.score_edges if reference is not None else DEFAULT_EDGES
+        # without a reference, the bins a reference would have
+        edges = reference.score_edges if reference is not None else SCORE_EDGES
         self._edges = np.asarray(edges, dtype=np.float64)
         self.low_confidence = (
-            reference.low_confidence_threshold if reference is not None else DEFAULT_LOW_CONFIDENCE
+            reference.low_confidence_threshold if reference is not None else LOW_CONFIDENCE
         )
         self._classes: deque[int] = deque(maxlen=window)
         self._bins: deque[int] = deque(maxlen=window)
@@ -95,7 +92,7 @@ class PredictionMonitor:
         low = int((top < self.low_confidence).sum())
         if low:
             metrics.low_confidence.inc(low)
-        bins = np.clip(np.searchsorted(self._edges, top, side="right") - 1, 0, len(self._edges) - 2)
+        bins = score_bins(top, self._edges)
         self._classes.extend(predicted.tolist())
         self._bins.extend(bins.tolist())
         metrics.window_answers.set(len(self._classes))

@@ -17,6 +17,11 @@ import numpy as np
 # Up to this many classes, plain Python floats beat numpy's per-call overhead; beyond it numpy's
 # vectorised path wins (bench/bytecodes.py and bench/run.py measure the request path).
 SMALL_OUTPUT = 64
+# Top-1 score bins of 0.05, in which a bundle's reference and the service's monitor count
+# answers: fine enough to see confidence move, coarse enough for a window of a few hundred.
+SCORE_EDGES = tuple(round(i * 0.05, 2) for i in range(21))
+# Below this top-1 score a model gives its answer less than even odds.
+LOW_CONFIDENCE = 0.5
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -159,3 +164,9 @@ def prediction_set(
         "indices": members,
         "scores": scores[members].tolist(),
     }
+
+
+def score_bins(top: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The bin of each top-1 score between `edges`; the last bin is closed on the right, so a
+    score of exactly 1 counts."""
+    return np.clip(np.searchsorted(edges, top, side="right") - 1, 0, len(edges) - 2)

@@ -24,6 +24,7 @@ from typing import Any
 
 from app.bundle import LATEST_POINTER, MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
 from app.cache import ResponseCache
+from app.errors import ModelNotFound
 from app.metrics import ServiceMetrics
 from app.reload import ModelHost, ReloadOutcome, run_in_background
 from app.service import ModelService, Shared, worker_list, workers_not_ready
@@ -31,10 +32,6 @@ from app.settings import Settings
 
 log = logging.getLogger("blink.registry")
 MONITOR_INTERVAL_S = 1.0  # how often answers are counted and drift measured
-
-
-class UnknownModel(LookupError):
-    pass
 
 
 class ModelRegistry:
@@ -104,9 +101,10 @@ class ModelRegistry:
     # -- lookups ----------------------------------------------------------------------------
 
     def host(self, name: str) -> ModelHost:
+        """The model called `name`; ModelNotFound (404) naming those served, if none is."""
         host = self.hosts.get(name)
         if host is None:
-            raise UnknownModel(self.unknown_message(name))
+            raise ModelNotFound(self.unknown_message(name))
         return host
 
     def unknown_message(self, name: str) -> str:

@@ -21,7 +21,7 @@ from PIL import Image
 from app.bundle import load_bundle
 from app.engine import Engine
 from app.monitor import js_distance
-from app.postprocess import calibrated_scores
+from app.postprocess import calibrated_scores, score_bins
 from bench.run import DEFAULT_MODEL
 from models.evaluate.reference import reference_behaviour
 
@@ -59,7 +59,7 @@ def main() -> None:
     def scores(window: np.ndarray) -> tuple[float, float, float]:
         served = calibrated_scores(window, temperature)
         top = served.max(1)
-        bins = np.clip(np.searchsorted(edges, top, side="right") - 1, 0, len(edges) - 2)
+        bins = score_bins(top, edges)
         mix = np.bincount(served.argmax(1), minlength=len(manifest.labels)).astype(float)
         histogram = np.bincount(bins, minlength=len(edges) - 1).astype(float)
         return (

@@ -406,7 +406,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def lite0_bundle(path: Path | None, scratch: Path) -> Path:
+def lite0_bundle(path: Path | None) -> Path:
     if path is not None:
         return path
     out = ROOT / "bench" / "results" / "lite0"
@@ -431,7 +431,7 @@ def main() -> None:
     chosen = [p for p in parts if getattr(args, p)] or list(parts)
     with tempfile.TemporaryDirectory(prefix="blink-repo-bench-") as tmp:
         scratch = Path(tmp)
-        args.lite0 = lite0_bundle(args.lite0, scratch)
+        args.lite0 = lite0_bundle(args.lite0)
         small_dir = scratch / "pngs"
         small = Load("/classify", small_dir, write_bodies(small_dir, 256))
         photo_dir = photo_bodies(ROOT / "bench" / "results" / "photos", "2MP")

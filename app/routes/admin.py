@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from app.bundle import BundleError, point_latest, promote
-from app.errors import BlinkError, InvalidParameter, ModelNotFound
+from app.errors import BlinkError, InvalidParameter
 from app.registry import ModelRegistry
 from app.reload import ReloadOutcome
 from app.schemas import ErrorResponse, ReloadResult
@@ -54,9 +54,7 @@ async def reload(
     check_token(request)
     registry: ModelRegistry = request.app.state.registry
     if model is not None:
-        host = registry.hosts.get(model)
-        if host is None:
-            raise ModelNotFound(registry.unknown_message(model))
+        host = registry.host(model)
     elif registry.default is not None:
         host = registry.default
     else:
@@ -89,9 +87,7 @@ async def promote_version(
     the others follow through the watcher (BLINK_WATCH_INTERVAL_S) or SIGHUP."""
     check_token(request)
     registry: ModelRegistry = request.app.state.registry
-    host = registry.hosts.get(model)
-    if host is None:
-        raise ModelNotFound(registry.unknown_message(model))
+    host = registry.host(model)
     try:
         previous = await asyncio.to_thread(promote, host.source, version)
     except BundleError as exc:

@@ -65,10 +65,8 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_cl
 
 
 def service_for(registry: ModelRegistry, name: str) -> ModelService:
-    host = registry.hosts.get(name)
-    if host is None:
-        raise V2Error(404, registry.unknown_message(name))
-    return host.current
+    """The model's serving version; 404 (in V2's shape, by V2Route) if it is not served."""
+    return registry.host(name).current
 
 
 def model_for(request: Request, name: str, version: str | None = None) -> ServedModel:

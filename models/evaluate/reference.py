@@ -10,13 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.bundle import Reference
-from app.postprocess import calibrated_scores
-
-# Twenty bins of 0.05: fine enough to see confidence move, coarse enough that a window of a few
-# hundred answers fills them.
-SCORE_EDGES = tuple(round(i * 0.05, 2) for i in range(21))
-# Below this top-1 score the model gives its answer less than even odds.
-LOW_CONFIDENCE = 0.5
+from app.postprocess import LOW_CONFIDENCE, SCORE_EDGES, calibrated_scores, score_bins
 
 
 def reference_behaviour(
@@ -34,9 +28,7 @@ def reference_behaviour(
     predicted = scores.argmax(axis=1)
     classes = np.bincount(predicted, minlength=scores.shape[1]) / len(predicted)
     edges = np.asarray(SCORE_EDGES)
-    # the last bin is closed on the right, so a score of exactly 1 counts
-    bins = np.clip(np.searchsorted(edges, top, side="right") - 1, 0, len(edges) - 2)
-    histogram = np.bincount(bins, minlength=len(edges) - 1) / len(top)
+    histogram = np.bincount(score_bins(top, edges), minlength=len(edges) - 1) / len(top)
     return Reference(
         split=split,
         images=len(top),
