@@ -120,7 +120,7 @@ class BlinkApp:
                 host = self.registry.default
                 if host is None:
                     return await no_model(self.registry.no_default_message(), send)
-                return await classify(host.current, scope, receive, send)
+                return await classify(host.serving(scope["headers"]), scope, receive, send)
             if path.startswith("/models/") and path.endswith("/classify"):
                 return await classify_named(self.registry, path[8:-9], scope, receive, send)
             if path.startswith("/v2/") and await infer_asgi(self.registry, scope, receive, send):

@@ -293,6 +293,30 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="max",
         )
+        # A shadow version beside a model (app/candidate.py), labelled with the serving model.
+        self.shadow_requests = Counter(
+            "blink_shadow_requests",
+            "Requests mirrored to a model's shadow version, by result: compared (the shadow "
+            "answered and its top-1 was compared with the served one), shed (not sent: the "
+            "service was busy or the shadow's queue full), failed (the shadow failed or its "
+            "deadline passed).",
+            ["model", "result"],
+            registry=reg,
+        )
+        self.shadow_agreements = Counter(
+            "blink_shadow_agreements",
+            "Compared requests whose top-1 label the shadow and the serving version agree on.",
+            ["model"],
+            registry=reg,
+        )
+        self.shadow_latency = BisectHistogram(
+            "blink_shadow_latency_seconds",
+            "Queue wait plus inference of each compared request, by role: serving (the "
+            "version that answered the client) or shadow.",
+            ["model", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         if reg is not None:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
@@ -349,7 +373,11 @@ MODEL_FAMILIES = (
     "confidence_drift",
     "window_answers",
     "reference_low_confidence",
+    "shadow_requests",
+    "shadow_agreements",
+    "shadow_latency",
 )
+SHADOW_RESULTS = ("compared", "shed", "failed")
 
 
 class ModelMetrics:
@@ -449,6 +477,18 @@ class ModelMetrics:
     def batch_finished(self, size: int, inference_s: float) -> None:
         self.inference_duration.observe(inference_s)
         self.engine_busy.inc(inference_s)
+
+
+class ShadowMetrics:
+    """The series of one model's shadow, bound once (declared at zero)."""
+
+    def __init__(self, metrics: ServiceMetrics, model: str) -> None:
+        self.compared, self.shed, self.failed = (
+            metrics.shadow_requests.labels(model, result) for result in SHADOW_RESULTS
+        )
+        self.agreed = metrics.shadow_agreements.labels(model)
+        self.serving_latency = metrics.shadow_latency.labels(model, "serving")
+        self.shadow_latency = metrics.shadow_latency.labels(model, "shadow")
 
 
 def ready_workers() -> int:

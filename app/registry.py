@@ -24,6 +24,8 @@ from typing import Any
 
 from app.bundle import LATEST_POINTER, MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
 from app.cache import ResponseCache
+from app.candidate import CANARY, SHADOW
+from app.candidate_spec import parse_candidates
 from app.errors import ModelNotFound
 from app.metrics import ServiceMetrics
 from app.reload import ModelHost, ReloadOutcome, run_in_background
@@ -45,6 +47,7 @@ class ModelRegistry:
         self._tasks: list[asyncio.Task[object]] = []
         self._lock = asyncio.Lock()  # one scan (adds and removals) at a time
         self._signal = False
+        self._candidates_pending = bool(settings.shadow or settings.canary)
         self.metrics: ServiceMetrics
         self.shared: Shared
 
@@ -74,6 +77,30 @@ class ModelRegistry:
             await host.current.warm_up()
             if host.current.warm_up_error is not None:
                 self._fail_warm_up(host)
+        await self.start_candidates()
+
+    async def start_candidates(self) -> None:
+        """The shadows and canaries the settings name; one that fails is reported on its model
+        (`candidate_errors` in /v1/models) and the model serves without it."""
+        for role in (SHADOW, CANARY):
+            text = getattr(self.settings, role)
+            for spec in parse_candidates(text, fraction_required=role == CANARY):
+                host = self.hosts.get(spec.model) if spec.model else self.default
+                if host is None:
+                    log.error(
+                        f"{role} not started: no such model",
+                        extra={"model": spec.model or "(default)", "candidate": spec.candidate},
+                    )
+                    continue
+                try:
+                    await host.start_candidate(role, spec.candidate, spec.fraction)
+                except Exception as exc:
+                    host.candidate_errors[role] = f"{spec.candidate}: {exc}"
+                    log.error(
+                        f"{role} not started",
+                        extra={"model": host.name, "candidate": spec.candidate, "error": str(exc)},
+                    )
+        self._candidates_pending = False
         self._publish_ready()
 
     def start(self) -> None:
@@ -135,6 +162,8 @@ class ModelRegistry:
         warming = [h.name for h in serving if not h.current.ready]
         if warming:
             return f"warming up: {', '.join(sorted(warming))}"
+        if self._candidates_pending:  # what the settings name starts before traffic comes
+            return "starting the shadow and canary versions"
         if not serving:
             failed = "; ".join(f"{name}: {why}" for name, why in sorted(self.failed.items()))
             return f"no model is served ({failed or 'none found'})"
@@ -235,7 +264,8 @@ class ModelRegistry:
             await asyncio.sleep(interval_s)
             for host in list(self.hosts.values()):
                 try:
-                    host.current.monitor.flush()
+                    for service in host.monitored():
+                        service.monitor.flush()
                 except Exception:  # a bug must not stop the monitoring of the others
                     log.exception("monitor flush failed", extra={"model": host.name})
 

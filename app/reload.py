@@ -20,15 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from starlette.types import Scope
+
+from app.batching import lower_priority
 from app.bundle import MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
+from app.candidate import CANARY, SHADOW, SHADOW_NICE, Canary, Shadow, candidate_settings
+from app.candidate_spec import candidate_directory
 from app.metrics import ModelMetrics
 from app.service import ModelService, Shared
 from app.settings import Settings
@@ -96,8 +101,7 @@ def low_priority(function: Callable[..., T], *args: object) -> asyncio.Future[T]
             future.set_exception(error)
 
     def work() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        lower_priority(BACKGROUND_NICE)
         try:
             result = function(*args)
         except BaseException as exc:
@@ -134,6 +138,11 @@ class ModelHost:
         # The version each request takes at arrival; no other long-lived reference to it, so
         # that a reload can free it.
         self.current = first
+        # Candidates beside it (app/candidate.py); the serving version holds the shadow too,
+        # where the request path looks for it.
+        self.shadow: Shadow | None = None
+        self.canary: Canary | None = None
+        self.candidate_errors: dict[str, str] = {}  # role -> why the one a setting named failed
         first.publish()
         # Single-process, prometheus_client reads these at scrape time: requests pay nothing.
         metrics.watch(
@@ -143,6 +152,103 @@ class ModelHost:
 
     def _live(self) -> list[ModelService]:
         return [self.current, *self._draining]
+
+    def serving(self, headers: list[tuple[bytes, bytes]]) -> ModelService:
+        """The version that answers a request: the canary for its share, else the current."""
+        canary = self.canary
+        if canary is None:
+            return self.current
+        return canary.choose(self.current, headers)
+
+    def answering(self, scope: Scope, version: str | None) -> ModelService:
+        """The version a V2 request names (the canary's, or else the current one, which
+        refuses any other), or without one as `serving` chooses."""
+        if version is None:
+            return self.serving(scope["headers"])
+        canary = self.canary
+        if canary is not None and canary.service.model_fields["version"] == version:
+            return canary.service
+        return self.current
+
+    def monitored(self) -> list[ModelService]:
+        """The versions whose answers are counted: the current one and any candidates."""
+        services = [self.current]
+        if self.shadow is not None:
+            services.append(self.shadow.service)
+        if self.canary is not None:
+            services.append(self.canary.service)
+        return services
+
+    # -- candidates -------------------------------------------------------------------------
+
+    async def start_candidate(self, role: str, candidate: str, fraction: float) -> None:
+        """Load, warm up and start a shadow or canary (replacing one already running).
+
+        BundleError or the engine's error when it cannot serve; then nothing changes."""
+        async with self._lock:
+            directory = candidate_directory(self.source, candidate)
+            service = await self._open_candidate(role, directory)
+            await self._stop_candidate(role)
+            if role == SHADOW:
+                self.shadow = Shadow(service, self.current, fraction, candidate)
+                self.current.shadow = self.shadow
+            else:
+                key_header = self.settings.canary_key_header
+                self.canary = Canary(service, fraction, candidate, key_header)
+            self.candidate_errors.pop(role, None)
+            log.info(
+                f"{role} started",
+                extra={"model": self.name, "candidate": candidate, "fraction": fraction},
+            )
+
+    async def stop_candidate(self, role: str) -> bool:
+        """Stop a shadow or canary; False if none ran."""
+        async with self._lock:
+            return await self._stop_candidate(role)
+
+    async def _open_candidate(self, role: str, directory: Path) -> ModelService:
+        started = time.perf_counter()
+        settings = candidate_settings(self.settings, role)
+        metrics = self.metrics.family.for_model(f"{self.name}:{role}")
+        nice = SHADOW_NICE if role == SHADOW else 0
+        bundle = await run_in_background(self.settings, load_bundle, directory)
+        service = await run_in_background(
+            self.settings,
+            partial(
+                ModelService, settings, metrics, self.shared, bundle, name=self.name, nice=nice
+            ),
+        )
+        try:
+            await run_in_background(self.settings, service.warm_up_engine)
+        except Exception:
+            await service.close()
+            self.metrics.family.forget_model(metrics.name)
+            raise
+        service.mark_ready(started)
+        metrics.engine_slots.set(settings.engine_slots)
+        metrics.watch(lambda: service.batcher.queue_depth, lambda: service.active_requests)
+        return service
+
+    async def _stop_candidate(self, role: str) -> bool:
+        running: Shadow | Canary | None
+        if role == SHADOW:
+            running, self.shadow = self.shadow, None
+            self.current.shadow = None
+        else:
+            running, self.canary = self.canary, None
+        if running is None:
+            return False
+        await running.close()  # requests it took are answered first
+        self.metrics.family.forget_model(f"{self.name}:{role}")
+        log.info(f"{role} stopped", extra={"model": self.name})
+        return True
+
+    async def _stop_promoted(self) -> None:
+        """A candidate whose version now serves has done its work."""
+        serving = self.current.bundle.directory.resolve()
+        for role, running in ((SHADOW, self.shadow), (CANARY, self.canary)):
+            if running is not None and running.service.bundle.directory.resolve() == serving:
+                await self._stop_candidate(role)
 
     # -- reloading --------------------------------------------------------------------------
 
@@ -193,6 +299,7 @@ class ModelHost:
         candidate.mark_ready(started)
         self._swap(candidate)
         self._failed = None
+        await self._stop_promoted()
         return outcome("success")
 
     def _serving(self, directory: Path, version: str, current: ModelService) -> bool:
@@ -204,6 +311,7 @@ class ModelHost:
 
     def _swap(self, candidate: ModelService) -> None:
         old = self.current
+        candidate.shadow = old.shadow  # the shadow now compares with the new version
         self.current = candidate  # the swap: requests arriving from now on take the new one
         old.unpublish()
         candidate.publish()
@@ -243,6 +351,8 @@ class ModelHost:
     async def close(self) -> None:
         """Stop serving: answer everything accepted, by every version, then free them."""
         async with self._lock:  # a reload in progress finishes first
+            await self._stop_candidate(SHADOW)
+            await self._stop_candidate(CANARY)
             current = self.current
             current.unpublish()
             await current.close()

@@ -148,6 +148,22 @@ class ReferenceOut(BaseModel):
     summary: str
 
 
+class CandidateOut(BaseModel):
+    version: str = Field(description="The candidate's version")
+    candidate: str = Field(description="As it was named: a version directory or a bundle path")
+    fraction: float = Field(description="Share of requests mirrored (shadow) or answered (canary)")
+    series: str = Field(examples=["fashion-mnist:shadow"], description="Its metrics' `model` label")
+
+
+class ShadowOut(CandidateOut):
+    compared: int = Field(description="Answers the shadow computed and compared")
+    agreement: float | None = Field(
+        None, description="Share of compared answers whose top-1 label both versions agree on"
+    )
+    shed: int = Field(description="Mirrors not sent: the service was busy or the shadow behind")
+    failed: int = Field(description="Mirrors the shadow failed (or ran past their deadline)")
+
+
 class ModelOut(BaseModel):
     name: str
     version: str
@@ -164,6 +180,17 @@ class ModelOut(BaseModel):
     ready: bool = Field(description="Warmed up and taking requests in the answering worker")
     default: bool = Field(description="Whether POST /classify answers with this model")
     error: str | None = Field(None, description="Why it is not ready, if it is not")
+    shadow: ShadowOut | None = Field(None, description="Its shadow version, if one runs")
+    canary: CandidateOut | None = Field(None, description="Its canary version, if one runs")
+    candidate_errors: dict[str, str] = Field(
+        default_factory=dict, description="Why a shadow or canary named by a setting did not start"
+    )
+
+
+class CandidateState(BaseModel):
+    model: str
+    shadow: ShadowOut | None = None
+    canary: CandidateOut | None = None
 
 
 class FailedModel(BaseModel):

@@ -34,6 +34,7 @@ from app.settings import Settings, usable_cores
 
 if TYPE_CHECKING:
     from app.batching import _Pending
+    from app.candidate import Shadow
 
 log = logging.getLogger("blink.service")
 
@@ -77,10 +78,15 @@ class ModelService:
         metrics: ModelMetrics,
         shared: Shared,
         bundle: Bundle | None = None,
+        *,
+        name: str | None = None,
+        nice: int = 0,
     ) -> None:
         """Load (hashes verified) and open the bundle; nothing is published to metrics yet.
 
-        The model is served under `metrics.name`: its directory's name in a repository.
+        The model is served under `name`, by default `metrics.name` (its directory's name in a
+        repository); a candidate version answers under its model's name and keeps series of its
+        own. `nice` > 0 runs its engine at a lower CPU priority (a shadow's).
         """
         self.settings = settings
         self.metrics = metrics
@@ -101,7 +107,7 @@ class ModelService:
         self.calibration = manifest.calibration
         self.temperature = self.calibration.temperature if self.calibration else 1.0
         # What every answer says of the model, built once.
-        self.name = metrics.name
+        self.name = name or metrics.name
         self.model_fields = {
             "name": self.name,
             "version": manifest.version,
@@ -125,6 +131,7 @@ class ModelService:
         )
         # Each computed answer's output rows go here (one append); the monitor counts them.
         self.answered = self.monitor.answered if settings.monitor else DISCARD
+        self.shadow: Shadow | None = None  # a shadow version mirroring this one's answers
         # the batcher and admission live no longer than this service, so `this()` is never None
         this = cast("Callable[[], ModelService]", weakref.ref(self))
         self.batcher = MicroBatcher(
@@ -141,6 +148,7 @@ class ModelService:
             # counting alone, even when gc.freeze has put it out of the collector's reach.)
             inline_when=lambda: this().alone,
             run_inline=self.engine.run_lone,
+            nice=nice,
         )
         self.admission = Admission(
             self.batcher,

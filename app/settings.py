@@ -7,10 +7,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.batch_policy import BatchPolicy
+from app.candidate_spec import parse_candidates
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 Variant = Literal["auto", "fp32", "int8", "fp16"]
@@ -109,10 +110,28 @@ class Settings(BaseSettings):
         description="Answers in the sliding window whose class mix and top-1 scores are "
         "compared with the bundle's reference (docs/monitoring.md).",
     )
+    shadow: str = Field(
+        "",
+        description="Mirror a fraction of requests to a candidate version, off the response "
+        "path: `[MODEL=]CANDIDATE[@FRACTION]`, comma-separated; CANDIDATE is a version "
+        "directory of the model or a bundle path, FRACTION 0-1 (default 1); no MODEL: the "
+        "default model (docs/candidates.md).",
+    )
+    canary: str = Field(
+        "",
+        description="Answer a fraction of requests by a candidate version: "
+        "`[MODEL=]CANDIDATE@FRACTION`, comma-separated, as for shadow (docs/candidates.md).",
+    )
+    canary_key_header: str = Field(
+        "X-Canary-Key",
+        min_length=1,
+        description="Requests carrying this header go to the canary or not by a hash of its "
+        "value, so one value (a camera) always sees the same version.",
+    )
     admin_token: str = Field(
         "",
-        description="Enables POST /admin/reload for requests with `Authorization: Bearer <token>`; "
-        "empty = the admin routes do not exist.",
+        description="Enables the admin routes (reload, promote, shadow, canary) for requests "
+        "with `Authorization: Bearer <token>`; empty = they do not exist.",
         repr=False,
     )
 
@@ -120,6 +139,12 @@ class Settings(BaseSettings):
     @classmethod
     def empty_is_none(cls, value: object) -> object:
         return None if value == "" else value  # BLINK_REPOSITORY= means unset, not "."
+
+    @field_validator("shadow", "canary")
+    @classmethod
+    def candidates_parse(cls, value: str, info: ValidationInfo) -> str:
+        parse_candidates(value, fraction_required=info.field_name == "canary")
+        return value
 
     @model_validator(mode="after")
     def one_source(self) -> Settings:

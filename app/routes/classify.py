@@ -107,6 +107,9 @@ async def infer_answer(
     pending = service.submit(tensor, deadline, probe)
     (result,) = await wait_all(service.batcher, [pending], receive, probe)
     service.answered.append(result.outputs)
+    shadow = service.shadow
+    if shadow is not None:  # a copy to the shadow version, which the answer does not wait for
+        shadow.offer(service, tensor, data, result)
     outputs = result.outputs[0]
     reply: dict[str, Any] = {
         "model": service.model_fields,
@@ -310,7 +313,7 @@ async def classify_named(
     if host is None:
         await no_model(registry.unknown_message(name), send)
         return
-    await classify(host.current, scope, receive, send)
+    await classify(host.serving(scope["headers"]), scope, receive, send)
 
 
 async def no_model(message: str, send: Send) -> None:
@@ -331,4 +334,4 @@ class ClassifyRoute:
         elif registry.default is None:
             await no_model(registry.no_default_message(), send)
         else:
-            await classify(registry.default.current, scope, receive, send)
+            await classify(registry.default.serving(scope["headers"]), scope, receive, send)

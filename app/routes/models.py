@@ -23,7 +23,12 @@ async def list_models(request: Request) -> dict[str, Any]:
     registry: ModelRegistry = request.app.state.registry
     return {
         "models": [
-            describe(host.current, host is registry.default)
+            {
+                **describe(host.current, host is registry.default),
+                "shadow": host.shadow.describe() if host.shadow else None,
+                "canary": host.canary.describe() if host.canary else None,
+                "candidate_errors": host.candidate_errors,
+            }
             for _, host in sorted(registry.hosts.items())
         ],
         "failed": [{"name": n, "error": e} for n, e in sorted(registry.failed.items())],

@@ -66,6 +66,9 @@ async def infer(
     else:
         logits = np.concatenate([r.outputs for r in results])
     service.answered.append(logits)
+    shadow = service.shadow
+    if shadow is not None and len(results) == 1 and shadow.same_input:
+        shadow.offer(service, pixels, None, results[0])
     header = {"model_name": model.name, "model_version": model.version}
     if request.id is not None:
         header["id"] = request.id

@@ -213,7 +213,7 @@ class ServedBelow(Response):
         if host is None:
             await unknown_model(registry, name, send)
             return
-        await serve_infer(host.current, scope, receive, send)
+        await serve_infer(host.answering(scope, version_named(scope)), scope, receive, send)
 
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -228,8 +228,12 @@ async def infer_asgi(registry: ModelRegistry, scope: Scope, receive: Receive, se
     if host is None:
         await unknown_model(registry, match[1], send)
     else:
-        await serve_infer(host.current, scope, receive, send)
+        await serve_infer(host.answering(scope, match[2]), scope, receive, send)
     return True
+
+
+def version_named(scope: Scope) -> str | None:
+    return scope["path_params"].get("model_version") or None
 
 
 async def unknown_model(registry: ModelRegistry, name: str, send: Send) -> None:
