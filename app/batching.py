@@ -19,10 +19,6 @@ thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -106,7 +102,6 @@ class MicroBatcher:
         inline_max_s: float = 0.0,
         inline_when: Callable[[], bool] | None = None,
         run_inline: BatchFn | None = None,
-        nice: int = 0,
     ) -> None:
         self._run_batch = run_batch
         self._run_inline = run_inline or run_batch
@@ -116,12 +111,7 @@ class MicroBatcher:
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
         self._free_slots = engine_slots
-        # nice > 0: engine threads that yield the CPU to the others (a shadow version's)
-        self._executor = ThreadPoolExecutor(
-            engine_slots,
-            thread_name_prefix="blink-engine",
-            initializer=functools.partial(lower_priority, nice) if nice else None,
-        )
+        self._executor = ThreadPoolExecutor(engine_slots, thread_name_prefix="blink-engine")
         self._observer = observer
         self._on_depth = on_depth  # told the queue depth on every change
         self._delay_timer: asyncio.TimerHandle | None = None
@@ -374,12 +364,6 @@ class MicroBatcher:
     def _notify_depth(self) -> None:
         if self._on_depth is not None:
             self._on_depth(self._queued_items)
-
-
-def lower_priority(nice: int) -> None:
-    """Give the calling thread (Linux: a nice value applies per thread) a lower CPU priority."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def _timed_call(run_batch: BatchFn, inputs: np.ndarray) -> tuple[np.ndarray, float]:

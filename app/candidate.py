@@ -1,13 +1,16 @@
 """Candidate versions beside a model's serving one: a shadow and a canary.
 
-A **shadow** gets a copy of a fraction of the requests the serving version answered, off the
-response path: the client's answer has gone (or goes) without waiting for it, and its failures
-are only counted. It is shed first: a mirror is not sent while the serving version is busy
-(anything queued, or its engine slots all running) or while the shadow's own short queue is
-full, and its engine runs one thread at a lower CPU priority, so the serving version keeps the
-cores. Each compared answer counts in `blink_shadow_requests_total{result="compared"}` and, when
-both versions' top-1 labels agree, in `blink_shadow_agreements_total`; the shadow's own
-answers feed its prediction metrics and drift under `model="<name>:shadow"`.
+A **shadow** gets a copy of a fraction of the requests the serving version computed, off the
+response path: the request path only puts the mirror on a queue, and the client's answer never
+waits for the shadow or fails because of it. A thread of the shadow's own, scheduled only when
+no other thread wants a core (SCHED_IDLE), gathers mirrors for `SHADOW_GATHER_S`, runs them as
+one batch (its session computes on that thread alone) and compares each top-1 label with the
+served one. It is shed first: no mirror is queued while the serving version is busy (anything
+queued, or its engine slots all running) or while `SHADOW_QUEUED_BATCHES` batches already wait,
+and a mirror older than `SHADOW_DEADLINE_S` is dropped unrun. Compared answers count in
+`blink_shadow_requests_total{result="compared"}` and, when the labels agree, in
+`blink_shadow_agreements_total`; the shadow's own answers feed its prediction metrics and drift
+under `model="<name>:shadow"`.
 
 A **canary** answers a fraction of the model's requests itself; its answers name its version
 and its series carry `model="<name>:canary"`. A request with the canary key header goes to the
@@ -18,47 +21,48 @@ keeps seeing the canary as its fraction grows).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import queue
 import random
+import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.batching import BatchResult, lower_priority
-from app.errors import BlinkError
 from app.metrics import ShadowMetrics
 
 if TYPE_CHECKING:
+    from app.batching import BatchResult
     from app.service import ModelService
     from app.settings import Settings
+
+log = logging.getLogger("blink.candidate")
 
 SHADOW, CANARY = "shadow", "canary"
 # A mirror older than this is not worth running: it would only compete with fresher work.
 SHADOW_DEADLINE_S = 1.0
-SHADOW_NICE = 10
+# Mirrors are gathered this long into one batch, and at most this many batches wait.
+SHADOW_GATHER_S = 0.01
+SHADOW_QUEUED_BATCHES = 4
 HASH_SPACE = 2**32  # zlib.crc32's range
 
 
 def candidate_settings(settings: Settings, role: str) -> Settings:
-    """A shadow computes on one engine thread, never on the event loop, with a queue of one
-    batch; a canary serves as the serving version does."""
+    """A shadow's session computes on one thread, its caller (the shadow's, in the
+    background); a canary serves as the serving version does."""
     if role != SHADOW:
         return settings
-    return settings.model_copy(
-        update={
-            "threads": 1,  # the session computes in its (low-priority) caller thread
-            "spin_when_alone": False,
-            "inline_max_ms": 0.0,
-            "engine_slots": 1,
-            "queue_capacity": settings.max_batch_size,
-        }
-    )
+    return settings.model_copy(update={"threads": 1, "spin_when_alone": False})
 
 
 class Shadow:
+    """One model's shadow: a thread of its own, below every other thread of the process."""
+
     def __init__(
         self, service: ModelService, serving: ModelService, fraction: float, source: str
     ) -> None:
@@ -68,76 +72,98 @@ class Shadow:
         self.metrics = ShadowMetrics(service.metrics.family, serving.name)
         # The serving version's tensor can be mirrored as it is when both preprocess alike.
         self.same_input = service.bundle.manifest.input == serving.bundle.manifest.input
-        self._decode_pool: ThreadPoolExecutor | None = None
-        if not self.same_input:
-            self._decode_pool = ThreadPoolExecutor(
-                1, "blink-shadow-decode", initializer=lower_priority, initargs=(SHADOW_NICE,)
-            )
+        self._max_batch = service.batcher.max_batch_size
+        self._queue_bound = SHADOW_QUEUED_BATCHES * self._max_batch
         self._random = random.random
         self.compared = self.agreed = self.shed = self.failed = 0
+        # The request path only puts mirrors here; the thread batches, runs and compares them.
+        self._mirrors: queue.SimpleQueue[Mirror | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="blink-shadow", daemon=True)
+        self._thread.start()
 
     def offer(
         self, serving: ModelService, tensor: np.ndarray, data: bytes | None, served: BatchResult
     ) -> None:
-        """Mirror one computed request (on the request path: returns at once)."""
+        """Mirror one computed request (on the request path: a draw, a check and a put)."""
         if self.fraction < 1 and self._random() >= self.fraction:
             return
-        if serving.batcher.busy or len(tensor) > self.service.batcher.max_batch_size:
-            self._shed(len(tensor))  # shed first: the serving version needs the cores
+        count = len(tensor)
+        if (
+            serving.batcher.busy
+            or self._mirrors.qsize() >= self._max_batch
+            or count > self._max_batch
+        ):
+            self._shed(count)  # shed first: the serving version needs the cores
             return
-        served_labels = [serving.labels[i] for i in served.outputs.argmax(axis=1)]
-        served_s = served.queue_s + served.inference_s
-        if self.same_input:
-            self._submit(tensor, served_labels, served_s)
-        elif data is not None and self._decode_pool is not None:
-            loop = asyncio.get_running_loop()
-            decoded = loop.run_in_executor(self._decode_pool, self._decode, data)
-            decoded.add_done_callback(partial(self._decoded, served_labels, served_s))
-        else:  # V2 tensors in the serving version's shape: nothing the shadow can read
-            self._failed(len(tensor))
-
-    def _decode(self, data: bytes) -> np.ndarray:
-        preprocessor = self.service.preprocessor
-        return preprocessor.to_tensor(preprocessor.open_image(data))
-
-    def _decoded(
-        self, served_labels: list[str], served_s: float, done: asyncio.Future[np.ndarray]
-    ) -> None:
-        if done.cancelled() or done.exception() is not None:
-            self._failed(len(served_labels))
+        source = tensor if self.same_input else data
+        if source is None:  # V2 tensors in the serving version's shape: nothing it can read
+            self._failed(count)
             return
-        self._submit(done.result(), served_labels, served_s)
+        self._mirrors.put(
+            Mirror(source, serving.labels, served.outputs, served.queue_s + served.inference_s,
+                   time.monotonic())
+        )  # fmt: skip
 
-    def _submit(self, tensor: np.ndarray, served_labels: list[str], served_s: float) -> None:
-        try:
-            pending = self.service.submit(tensor, time.monotonic() + SHADOW_DEADLINE_S)
-        except BlinkError:  # its queue is full (or it is closing): shed
-            self._shed(len(tensor))
-            return
-        pending.future.add_done_callback(partial(self._compare, served_labels, served_s))
+    # -- the shadow's thread ----------------------------------------------------------------
 
-    def _compare(
-        self, served_labels: list[str], served_s: float, done: asyncio.Future[BatchResult]
-    ) -> None:
-        if done.cancelled() or done.exception() is not None:
-            self._failed(len(served_labels))
+    def _work(self) -> None:
+        run_in_background_only()
+        mirrors = self._mirrors
+        stopping = False
+        while not stopping:
+            first = mirrors.get()
+            if first is None:
+                return
+            # Gather for a while: one wake-up and one run per batch, not per request (each
+            # time this thread holds the GIL, the event loop may wait for it).
+            time.sleep(SHADOW_GATHER_S)
+            batch = [first]
+            while len(batch) < self._max_batch and not mirrors.empty():
+                mirror = mirrors.get_nowait()
+                if mirror is None:
+                    stopping = True
+                    break
+                batch.append(mirror)
+            try:
+                self._run(batch)
+            except Exception:  # counted; the shadow never takes the process down
+                log.exception("shadow batch failed", extra={"model": self.service.name})
+                self._failed(len(batch))
+
+    def _run(self, batch: list[Mirror]) -> None:
+        now = time.monotonic()
+        fresh = [m for m in batch if now - m.queued_at <= SHADOW_DEADLINE_S]
+        if len(fresh) < len(batch):  # too old to be worth the cores: dropped
+            self._failed(len(batch) - len(fresh))
+        if not fresh:
             return
-        result = done.result()
-        self.service.answered.append(result.outputs)  # the shadow's own predictions and drift
+        tensors = [self._tensor(m.source) for m in fresh]
+        metrics = self.service.metrics
+        started = time.monotonic()
+        metrics.batch_started(len(tensors), [started - m.queued_at for m in fresh])
+        outputs = self.service.engine.run(np.concatenate(tensors))
+        finished = time.monotonic()
+        metrics.batch_finished(len(outputs), finished - started)
+        self.service.answered.append(outputs)  # the shadow's own predictions and drift
         labels = self.service.labels
         agreed = sum(
-            labels[i] == served
-            for i, served in zip(result.outputs.argmax(axis=1), served_labels, strict=True)
+            labels[mine] == m.labels[int(m.served.argmax())]
+            for mine, m in zip(outputs.argmax(axis=1).tolist(), fresh, strict=True)
         )
-        count = len(served_labels)
-        self.compared += count
+        self.compared += len(fresh)
         self.agreed += agreed
-        metrics = self.metrics
-        metrics.compared.inc(count)
+        shadow_metrics = self.metrics
+        shadow_metrics.compared.inc(len(fresh))
         if agreed:
-            metrics.agreed.inc(agreed)
-        metrics.serving_latency.observe(served_s)
-        metrics.shadow_latency.observe(result.queue_s + result.inference_s)
+            shadow_metrics.agreed.inc(agreed)
+        shadow_metrics.serving_latency.observe_all([m.served_s for m in fresh])
+        shadow_metrics.shadow_latency.observe_all([finished - m.queued_at for m in fresh])
+
+    def _tensor(self, source: np.ndarray | bytes) -> np.ndarray:
+        if isinstance(source, np.ndarray):
+            return source
+        preprocessor = self.service.preprocessor  # another input: decoded again, here
+        return preprocessor.to_tensor(preprocessor.open_image(source))
 
     def _shed(self, count: int) -> None:
         self.shed += count
@@ -157,9 +183,29 @@ class Shadow:
         }
 
     async def close(self) -> None:
+        """Stop after the mirrors already queued (they are quick, or dropped as too old)."""
+        self._mirrors.put(None)
+        await asyncio.to_thread(self._thread.join)
         await self.service.close()
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    source: np.ndarray | bytes  # the serving version's tensor, or the image to decode again
+    labels: list[str]  # the serving version's
+    served: np.ndarray  # its output row
+    served_s: float  # its queue wait plus inference
+    queued_at: float
+
+
+def run_in_background_only() -> None:
+    """Let the calling thread run only when no other thread wants the core: SCHED_IDLE where
+    Linux offers it (a normal thread that wakes preempts it at once), else the lowest nice."""
+    native_id = threading.get_native_id()
+    try:
+        os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        lower_priority(19)
 
 
 class Canary:
@@ -192,3 +238,9 @@ def describe(service: ModelService, source: str, fraction: float) -> dict[str, A
         "fraction": fraction,
         "series": service.metrics.name,
     }
+
+
+def lower_priority(nice: int) -> None:
+    """Give the calling thread (Linux: a nice value applies per thread) a lower CPU priority."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

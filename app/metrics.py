@@ -311,8 +311,9 @@ class ServiceMetrics:
         )
         self.shadow_latency = BisectHistogram(
             "blink_shadow_latency_seconds",
-            "Queue wait plus inference of each compared request, by role: serving (the "
-            "version that answered the client) or shadow.",
+            "Per compared request, by role: serving (its queue wait plus inference in the "
+            "version that answered the client) or shadow (from the mirror's arrival at the "
+            "shadow to its answer, gathering included).",
             ["model", "role"],
             buckets=LATENCY_BUCKETS,
             registry=reg,

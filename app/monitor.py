@@ -78,8 +78,11 @@ class PredictionMonitor:
         """Count what was answered since the last flush, and measure the window's drift."""
         if not self.answered:
             return
-        rows = self.answered.copy()  # the same list object stays: the service holds it
-        self.answered.clear()
+        # The same list object stays (the service holds it), and a shadow's thread appends to
+        # its own: take what is there now, by two steps that are each atomic.
+        count = len(self.answered)
+        rows = self.answered[:count]
+        del self.answered[:count]
         outputs = rows[0] if len(rows) == 1 else np.concatenate(rows)
         scores = calibrated_scores(outputs, self._temperature, probabilities=self._probabilities)
         predicted = scores.argmax(axis=1)

@@ -30,9 +30,8 @@ from typing import Any, TypeVar
 
 from starlette.types import Scope
 
-from app.batching import lower_priority
 from app.bundle import MANIFEST_FILE, BundleError, load_bundle, resolve_bundle_dir
-from app.candidate import CANARY, SHADOW, SHADOW_NICE, Canary, Shadow, candidate_settings
+from app.candidate import CANARY, SHADOW, Canary, Shadow, candidate_settings, lower_priority
 from app.candidate_spec import candidate_directory
 from app.metrics import ModelMetrics
 from app.service import ModelService, Shared
@@ -210,13 +209,10 @@ class ModelHost:
         started = time.perf_counter()
         settings = candidate_settings(self.settings, role)
         metrics = self.metrics.family.for_model(f"{self.name}:{role}")
-        nice = SHADOW_NICE if role == SHADOW else 0
         bundle = await run_in_background(self.settings, load_bundle, directory)
+        open_service = partial(ModelService, name=self.name)
         service = await run_in_background(
-            self.settings,
-            partial(
-                ModelService, settings, metrics, self.shared, bundle, name=self.name, nice=nice
-            ),
+            self.settings, open_service, settings, metrics, self.shared, bundle
         )
         try:
             await run_in_background(self.settings, service.warm_up_engine)

@@ -80,13 +80,12 @@ class ModelService:
         bundle: Bundle | None = None,
         *,
         name: str | None = None,
-        nice: int = 0,
     ) -> None:
         """Load (hashes verified) and open the bundle; nothing is published to metrics yet.
 
         The model is served under `name`, by default `metrics.name` (its directory's name in a
         repository); a candidate version answers under its model's name and keeps series of its
-        own. `nice` > 0 runs its engine at a lower CPU priority (a shadow's).
+        own.
         """
         self.settings = settings
         self.metrics = metrics
@@ -148,7 +147,6 @@ class ModelService:
             # counting alone, even when gc.freeze has put it out of the collector's reach.)
             inline_when=lambda: this().alone,
             run_inline=self.engine.run_lone,
-            nice=nice,
         )
         self.admission = Admission(
             self.batcher,

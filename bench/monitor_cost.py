@@ -14,7 +14,13 @@ import tempfile
 from pathlib import Path
 
 from bench.images import write_bodies
-from bench.repository import CACHE_OFF, ratio, run_wrk, serving, summary
+from bench.repository import (
+    CACHE_OFF,
+    alternating_rounds,
+    c1_p50_change_ms,
+    ratio,
+    summary,
+)
 from bench.run import DEFAULT_MODEL, Load
 
 
@@ -28,20 +34,13 @@ def main() -> None:
         "on": {"BLINK_MODEL": str(args.model), **CACHE_OFF},
         "off": {"BLINK_MODEL": str(args.model), "BLINK_MONITOR": "false", **CACHE_OFF},
     }
-    runs: dict[str, dict[str, list[dict]]] = {name: {"c64": [], "c1": []} for name in configs}
     with tempfile.TemporaryDirectory(prefix="blink-monitor-bench-") as tmp:
         scratch = Path(tmp)
         bodies = Load("/classify", scratch / "pngs", write_bodies(scratch / "pngs", 256))
-        for round_ in range(args.rounds):
-            order = list(configs.items())
-            for name, env in order if round_ % 2 == 0 else reversed(order):
-                with serving(env, scratch) as (url, _):
-                    run_wrk(url, bodies, 64, 1)
-                    runs[name]["c64"].append(run_wrk(url, bodies, 64, args.seconds))
-                    runs[name]["c1"].append(run_wrk(url, bodies, 1, args.seconds))
+        runs = alternating_rounds(configs, bodies, scratch, args.rounds, args.seconds)
     on, off = runs["on"], runs["off"]
     throughput = ratio(on["c64"], off["c64"])
-    p50_ms = [(a["p50_us"] - b["p50_us"]) / 1000 for a, b in zip(on["c1"], off["c1"], strict=True)]
+    p50_ms = c1_p50_change_ms(on["c1"], off["c1"])
     print("| | monitoring off | monitoring on | on vs off [range] |\n|---|---:|---:|---:|")
     print(
         f"| c=64 requests/s | {summary(off['c64'])['rps']['median']:.0f} | "
@@ -50,8 +49,8 @@ def main() -> None:
     )
     print(
         f"| c=1 p50 ms | {summary(off['c1'])['p50_ms']['median']:.3f} | "
-        f"{summary(on['c1'])['p50_ms']['median']:.3f} | {sorted(p50_ms)[len(p50_ms) // 2]:+.3f} ms "
-        f"[{min(p50_ms):+.3f} to {max(p50_ms):+.3f}] |"
+        f"{summary(on['c1'])['p50_ms']['median']:.3f} | {p50_ms['median']:+.3f} ms "
+        f"[{p50_ms['min']:+.3f} to {p50_ms['max']:+.3f}] |"
     )
 
 

@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -93,6 +93,37 @@ def run_wrk(url: str, load: Load, conc: int, seconds: float, pace_ms: float | No
     """wrk at `conc` connections; paced (a mean wait of `pace_ms` after each answer) if given."""
     paced = {} if pace_ms is None else {"BENCH_PACE_MS": f"{pace_ms:.3f}"}
     return wrk(url, load, CORES, conc, seconds, paced)
+
+
+def alternating_rounds(
+    configs: dict[str, dict[str, str]],
+    load: Load,
+    scratch: Path,
+    rounds: int,
+    seconds: float,
+    scrape: Callable[[str], dict] | None = None,
+) -> dict[str, dict[str, list[dict]]]:
+    """c=64 and c=1 runs of each server configuration, in alternating order round by round
+    (a fresh server each time), so that each round compares them side by side. With `scrape`,
+    what it reads from the server after each run is kept under "c64 scraped", "c1 scraped"."""
+    runs: dict[str, dict[str, list[dict]]] = {
+        name: {"c64": [], "c1": [], "c64 scraped": [], "c1 scraped": []} for name in configs
+    }
+    for round_ in range(rounds):
+        order = list(configs.items())
+        for name, env in order if round_ % 2 == 0 else reversed(order):
+            with serving(env, scratch) as (url, _):
+                run_wrk(url, load, 64, 1)
+                for run, connections in (("c64", 64), ("c1", 1)):
+                    runs[name][run].append(run_wrk(url, load, connections, seconds))
+                    if scrape is not None:
+                        runs[name][f"{run} scraped"].append(scrape(url))
+    return runs
+
+
+def c1_p50_change_ms(a: list[dict], b: list[dict]) -> dict:
+    """a's c=1 p50 minus b's, per round, in ms: median and range."""
+    return spread([(x["p50_us"] - y["p50_us"]) / 1000 for x, y in zip(a, b, strict=True)])
 
 
 def together(runs: list[tuple[str, Load, int, float | None]], seconds: float) -> list[dict]:
