@@ -18,7 +18,13 @@ Rows (each starts its own server on 127.0.0.1, bounded in time):
 - broken: three broken new versions (bad hash, not ONNX, failing warm-up) at c=64: none replaces
   the serving one, no failed request;
 - soak: c=32 for --soak-seconds: RSS growth < 10%, p99 drift (last tenth / first tenth) < 1.5x;
-- fuzz: the Hypothesis and schemathesis suites with their long profiles.
+- fuzz: the Hypothesis and schemathesis suites with their long profiles;
+- shadow: both overload phases with a shadow mirroring every request and without, alternating:
+  goodput with it must stay within 5% (mirrors are shed while the service is busy);
+- drift: a real Prometheus evaluating the drift alerts at their own durations for
+  --drift-seconds (loadtest.drift_alerts): test-distribution traffic raises none, one-class
+  traffic fires the class-mix alert and noise the confidence alert, within `for:` plus the
+  time to fill the window.
 
 The server is pinned to one core (--server-cpu) and the closed-loop client to another
 (--client-cpu), as in loadtest.overload. The client is asyncio streams on uvloop: it records
@@ -34,6 +40,7 @@ import io
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,10 +54,12 @@ import httpx
 import uvloop
 from PIL import Image
 
-from app.bundle import point_latest, resolve_bundle_dir
+from app.bundle import load_bundle, point_latest, resolve_bundle_dir
 from bench.images import grey_images
+from loadtest import drift_alerts, overload
 from loadtest.overload import wait_ready
 from loadtest.processes import free_port, rss_bytes, stop_process
+from loadtest.prometheus import prometheus_server
 from loadtest.versions import FAULTS, add_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,9 +101,11 @@ def server(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLINK_", "PROMETHEUS_"))}
     env.update({f"BLINK_{k.upper()}": str(v) for k, v in settings.items()})
     env.update(
-        BLINK_MODEL=str(model), BLINK_HOST="127.0.0.1", BLINK_PORT=str(port),
-        BLINK_ADMIN_TOKEN=ADMIN_TOKEN, BLINK_REQUEST_TIMEOUT_MS=str(REQUEST_TIMEOUT_MS),
+        BLINK_HOST="127.0.0.1", BLINK_PORT=str(port), BLINK_ADMIN_TOKEN=ADMIN_TOKEN,
+        BLINK_REQUEST_TIMEOUT_MS=str(REQUEST_TIMEOUT_MS),
     )  # fmt: skip
+    if "repository" not in settings:  # the two are exclusive
+        env["BLINK_MODEL"] = str(model)
     env.setdefault("BLINK_THREADS", "1")
     pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
     log = out / f"{name}.log"
@@ -247,6 +258,7 @@ class Campaign:
     soak_seconds: float
     overload_seconds: float
     fuzz_examples: int
+    drift_seconds: float
 
     def repository(self, name: str, *versions: str, faults: dict[str, str] | None = None) -> Path:
         """A fresh repository of copies of the model; `latest` at the first version."""
@@ -547,6 +559,88 @@ def rows_overload(c: Campaign) -> list[Row]:
     return rows
 
 
+def rows_shadow_overload(c: Campaign) -> list[Row]:
+    """Overload goodput with a shadow mirroring every request against none, alternating."""
+    overload.raise_open_files_limit()
+    shadow = {"BLINK_SHADOW": str(c.model.resolve())}  # a second copy of the model
+    goodput: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
+    for round_ in range(SHADOW_ROUNDS):
+        order = [("off", {}), ("on", shadow)]
+        for name, env in order if round_ % 2 == 0 else order[::-1]:
+            with overload.server(c.model, "default", c.server_cpu, ROOT, env) as (address, pid):
+                phases = run(
+                    overload.measure_config(
+                        address, pid, png_body(), seconds=c.overload_seconds, warmup_s=2.0,
+                        connections=overload.HEAVY_CONNECTIONS,
+                    )
+                )  # fmt: skip
+            for phase in phases:
+                goodput[name].setdefault(phase.name, []).append(phase.goodput)
+    rows = []
+    for kind, label in (("resend", "resend at once"), ("honour", "honour Retry-After")):
+        on, off = goodput["on"][kind], goodput["off"][kind]
+        ratios = sorted(a / b for a, b in zip(on, off, strict=True) if b)
+        median = ratios[len(ratios) // 2] if ratios else 0.0
+        rows.append(
+            Row(
+                f"overload with a shadow at 100%: {label}",
+                f"{overload.HEAVY_CONNECTIONS} connections, {SHADOW_ROUNDS} rounds",
+                0, 0,
+                f"goodput {statistics.median(on):.0f}/s with, {statistics.median(off):.0f}/s "
+                f"without: {median:.3f} (rounds {', '.join(f'{r:.3f}' for r in ratios)})",
+                "goodput with the shadow ≥ 0.95 of without",
+                median >= 0.95,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def rows_drift(c: Campaign) -> list[Row]:
+    """The drift alerts at the rules' own durations, with a real Prometheus."""
+
+    def not_run(why: str) -> list[Row]:
+        return [Row("drift alerts", "-", 0, 0, why, "-", None)]
+
+    if shutil.which("prometheus") is None:
+        return not_run("needs Debian's prometheus")
+    if load_bundle(c.model).manifest.reference is None:
+        return not_run("the bundle has no reference behaviour: rebuild it (blink build)")
+    scratch = c.out / "drift"
+    scratch.mkdir(parents=True, exist_ok=True)
+    repository = drift_alerts.serve_three_ways(c.model, scratch / "served")
+    rules = drift_alerts.drift_rules(scratch)
+    bodies = drift_alerts.traffic_bodies()
+    with (
+        server(c.model, c.out, c.server_cpu, "drift", repository=repository) as srv,
+        prometheus_server(scratch, f"127.0.0.1:{srv.port}", [rules]) as prometheus,
+    ):
+        drift = drift_alerts.watch_alerts(srv.url, prometheus, bodies, c.drift_seconds)
+    rows = []
+    for model, alert in drift_alerts.EXPECTED.items():
+        requests, lost = drift.requests.get(model, 0), drift.failed.get(model, 0)
+        load = f"1 connection, {drift.seconds:.0f} s"
+        raised = drift.raised(model)
+        if alert is None:
+            rows.append(
+                Row(
+                    "drift: test-distribution traffic", load, requests, lost,
+                    f"drift alerts pending or firing: {', '.join(raised) or 'none'}",
+                    f"none in {c.drift_seconds:.0f} s", not raised and not lost,
+                )
+            )  # fmt: skip
+            continue
+        fired = drift.fired(model, alert)
+        rows.append(
+            Row(
+                f"drift: {model} traffic", load, requests, lost,
+                f"{alert} fired after {fired:.0f} s" if fired is not None
+                else f"{alert} did not fire", f"{alert} within its for: (300 s) + {DRIFT_FILL_S} s",
+                fired is not None and fired <= 300 + DRIFT_FILL_S and not lost,
+            )
+        )  # fmt: skip
+    return rows
+
+
 def capacity_before_and_after(overload, phases: list, index: int) -> float:
     if hasattr(overload, "capacity_around"):
         return overload.capacity_around(phases, index)
@@ -584,7 +678,11 @@ ROWS: dict[str, Callable[[Campaign], Row | list[Row]]] = {
     "broken": row_broken,
     "soak": row_soak,
     "fuzz": row_fuzz,
+    "shadow": rows_shadow_overload,
+    "drift": rows_drift,
 }
+SHADOW_ROUNDS = 2
+DRIFT_FILL_S = 60  # filling the window to the alert's 500 answers, scraping, evaluating
 
 
 def table(rows: list[Row]) -> str:
@@ -601,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--overload-seconds", type=float, default=10.0)
     parser.add_argument("--fuzz-examples", type=int, default=2000)
+    parser.add_argument("--drift-seconds", type=float, default=600.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--server-cpu", type=int, default=0, help="-1: no pinning")
     parser.add_argument("--out", type=Path, help="logs and repositories (default: a temp dir)")
@@ -620,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, os.sched_getaffinity(0) - {cpu})
     campaign = Campaign(
         model, out, cpu, args.connections, args.soak_seconds, args.overload_seconds,
-        args.fuzz_examples,
+        args.fuzz_examples, args.drift_seconds,
     )  # fmt: skip
     rows: list[Row] = []
     started = time.monotonic()

@@ -8,13 +8,11 @@ copy); the service's own exposition is checked against Prometheus naming convent
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.processes import free_port, stop_process
+from loadtest.prometheus import RULES, prometheus_server, wait_until
 from tests.conftest import ROOT, live_server
 from tests.images import png
 from tests.onnx_models import copy_with_reference
@@ -31,7 +29,6 @@ from tests.test_grafana import dashboard
 from tests.test_grafana import queries as grafana_queries
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
-RULES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 PNG = {"content-type": "image/png"}
 
 needs_promtool = pytest.mark.skipif(
@@ -163,56 +160,6 @@ def test_exposition_follows_prometheus_conventions(bundle_dir, workers):
 
 
 # -- a real Prometheus server ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def prometheus_server(tmp_path: Path, target: str) -> Iterator[str]:
-    """Debian's prometheus on loopback, scraping `target` every second with the repo's rules."""
-    port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(path) for path in RULES],
-        "scrape_configs": [{"job_name": "blink", "static_configs": [{"targets": [target]}]}],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = (tmp_path / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: ready(url), "prometheus ready", process, tmp_path / "prometheus.log")
-        yield url
-    finally:
-        stop_process(process)
-        log.close()
-
-
-def ready(url: str) -> bool:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(url + "/-/ready", timeout=1).status_code == 200
-    return False
-
-
-def wait_until(check, what: str, process=None, log: Path | None = None, timeout: float = 60):
-    """Poll `check` until it returns a truthy value; a generous bound, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"prometheus exited: {log.read_text() if log else ''}")
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise TimeoutError(f"no {what} after {timeout}s")
 
 
 def query(url: str, promql: str) -> dict[tuple, float]:
