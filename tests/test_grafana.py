@@ -92,15 +92,15 @@ def recording_rule_names() -> set[str]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> set[str]:
     """Every sample name of a real server's /metrics after it has answered requests (with a
-    bundle that records a reference, so that the drift gauges exist, and once the monitor has
-    counted the answers: it does so about once a second)."""
+    bundle that records a reference, so that the drift gauges exist, with a shadow, and once the
+    monitor has counted the answers: it does so about once a second)."""
     import numpy as np
 
     from tests.onnx_models import copy_with_reference, write_bundle
 
     root = tmp_path_factory.mktemp("grafana")
     bundle = copy_with_reference(write_bundle(root / "source"), root / "tiny" / "1", np.eye(10))
-    with live_server(bundle, threads=1) as url:
+    with live_server(bundle, threads=1, shadow=str(bundle)) as url:  # the shadow's series too
         asyncio.run(post(url, [png(i) for i in range(8)]))
         httpx.post(url + "/classify", content=b"junk", headers={"content-type": "image/png"})
         deadline = time.monotonic() + 10
