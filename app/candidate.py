@@ -2,12 +2,12 @@
 
 A **shadow** gets a copy of a fraction of the requests the serving version computed, off the
 response path: the request path only puts the mirror on a queue, and the client's answer never
-waits for the shadow or fails because of it. A thread of the shadow's own, scheduled only when
-no other thread wants a core (SCHED_IDLE), gathers mirrors for `SHADOW_GATHER_S`, runs them as
-one batch (its session computes on that thread alone) and compares each top-1 label with the
-served one. It is shed first: no mirror is queued while the serving version is busy (anything
-queued, or its engine slots all running) or while `SHADOW_QUEUED_BATCHES` batches already wait,
-and a mirror older than `SHADOW_DEADLINE_S` is dropped unrun. Compared answers count in
+waits for the shadow or fails because of it. A thread of the shadow's own, at the lowest CPU
+priority (nice 19), gathers mirrors for `SHADOW_GATHER_S`, runs them as one batch (its session
+computes on that thread alone) and compares each top-1 label with the served one. It is shed
+first: no mirror is queued while the serving version is busy (anything queued, or its engine
+slots all running) or while `SHADOW_QUEUED_BATCHES` batches already wait, and a mirror older
+than `SHADOW_DEADLINE_S` is dropped unrun. Compared answers count in
 `blink_shadow_requests_total{result="compared"}` and, when the labels agree, in
 `blink_shadow_agreements_total`; the shadow's own answers feed its prediction metrics and drift
 under `model="<name>:shadow"`.
@@ -49,6 +49,7 @@ SHADOW_DEADLINE_S = 1.0
 # Mirrors are gathered this long into one batch, and at most this many batches wait.
 SHADOW_GATHER_S = 0.01
 SHADOW_QUEUED_BATCHES = 4
+SHADOW_NICE = 19
 HASH_SPACE = 2**32  # zlib.crc32's range
 
 
@@ -70,8 +71,8 @@ class Shadow:
         self.fraction = fraction
         self.source = source  # as it was named: a version or a path
         self.metrics = ShadowMetrics(service.metrics.family, serving.name)
-        # The serving version's tensor can be mirrored as it is when both preprocess alike.
-        self.same_input = service.bundle.manifest.input == serving.bundle.manifest.input
+        self.same_input = False
+        self.follow(serving)
         self._max_batch = service.batcher.max_batch_size
         self._queue_bound = SHADOW_QUEUED_BATCHES * self._max_batch
         self._random = random.random
@@ -80,6 +81,11 @@ class Shadow:
         self._mirrors: queue.SimpleQueue[Mirror | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="blink-shadow", daemon=True)
         self._thread.start()
+
+    def follow(self, serving: ModelService) -> None:
+        """Mirror `serving` from now on (at the start, and when a reload swaps in a version)."""
+        # Its tensor can be mirrored as it is when both versions preprocess alike.
+        self.same_input = self.service.bundle.manifest.input == serving.bundle.manifest.input
 
     def offer(
         self, serving: ModelService, tensor: np.ndarray, data: bytes | None, served: BatchResult
@@ -90,7 +96,7 @@ class Shadow:
         count = len(tensor)
         if (
             serving.batcher.busy
-            or self._mirrors.qsize() >= self._max_batch
+            or self._mirrors.qsize() >= self._queue_bound
             or count > self._max_batch
         ):
             self._shed(count)  # shed first: the serving version needs the cores
@@ -128,13 +134,13 @@ class Shadow:
                 self._run(batch)
             except Exception:  # counted; the shadow never takes the process down
                 log.exception("shadow batch failed", extra={"model": self.service.name})
-                self._failed(len(batch))
+                self._failed(sum(len(m.served) for m in batch))
 
     def _run(self, batch: list[Mirror]) -> None:
         now = time.monotonic()
         fresh = [m for m in batch if now - m.queued_at <= SHADOW_DEADLINE_S]
         if len(fresh) < len(batch):  # too old to be worth the cores: dropped
-            self._failed(len(batch) - len(fresh))
+            self._failed(sum(len(m.served) for m in batch) - sum(len(m.served) for m in fresh))
         if not fresh:
             return
         tensors = [self._tensor(m.source) for m in fresh]
@@ -146,14 +152,14 @@ class Shadow:
         metrics.batch_finished(len(outputs), finished - started)
         self.service.answered.append(outputs)  # the shadow's own predictions and drift
         labels = self.service.labels
-        agreed = sum(
-            labels[mine] == m.labels[int(m.served.argmax())]
-            for mine, m in zip(outputs.argmax(axis=1).tolist(), fresh, strict=True)
-        )
-        self.compared += len(fresh)
+        served = [m.labels[i] for m in fresh for i in m.served.argmax(axis=1).tolist()]
+        mine = [labels[i] for i in outputs.argmax(axis=1).tolist()]
+        agreed = sum(a == b for a, b in zip(mine, served, strict=True))
+        count = len(served)  # images: a V2 request may carry several
+        self.compared += count
         self.agreed += agreed
         shadow_metrics = self.metrics
-        shadow_metrics.compared.inc(len(fresh))
+        shadow_metrics.compared.inc(count)
         if agreed:
             shadow_metrics.agreed.inc(agreed)
         shadow_metrics.serving_latency.observe_all([m.served_s for m in fresh])
@@ -193,19 +199,16 @@ class Shadow:
 class Mirror:
     source: np.ndarray | bytes  # the serving version's tensor, or the image to decode again
     labels: list[str]  # the serving version's
-    served: np.ndarray  # its output row
+    served: np.ndarray  # its output rows, one per image
     served_s: float  # its queue wait plus inference
     queued_at: float
 
 
 def run_in_background_only() -> None:
-    """Let the calling thread run only when no other thread wants the core: SCHED_IDLE where
-    Linux offers it (a normal thread that wakes preempts it at once), else the lowest nice."""
-    native_id = threading.get_native_id()
-    try:
-        os.sched_setscheduler(native_id, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        lower_priority(19)
+    """The lowest CPU priority for the calling thread: it runs when no other thread of the
+    machine wants the core, yet never waits indefinitely (SCHED_IDLE could starve it while it
+    holds the interpreter lock, and the event loop would wait with it)."""
+    lower_priority(SHADOW_NICE)
 
 
 class Canary:

@@ -187,7 +187,7 @@ class ModelHost:
         async with self._lock:
             directory = candidate_directory(self.source, candidate)
             service = await self._open_candidate(role, directory)
-            await self._stop_candidate(role)
+            await self._stop_candidate(role, forget=False)  # its series go on, the new one's
             if role == SHADOW:
                 self.shadow = Shadow(service, self.current, fraction, candidate)
                 self.current.shadow = self.shadow
@@ -225,7 +225,7 @@ class ModelHost:
         metrics.watch(lambda: service.batcher.queue_depth, lambda: service.active_requests)
         return service
 
-    async def _stop_candidate(self, role: str) -> bool:
+    async def _stop_candidate(self, role: str, *, forget: bool = True) -> bool:
         running: Shadow | Canary | None
         if role == SHADOW:
             running, self.shadow = self.shadow, None
@@ -235,7 +235,8 @@ class ModelHost:
         if running is None:
             return False
         await running.close()  # requests it took are answered first
-        self.metrics.family.forget_model(f"{self.name}:{role}")
+        if forget:
+            self.metrics.family.forget_model(f"{self.name}:{role}")
         log.info(f"{role} stopped", extra={"model": self.name})
         return True
 
@@ -307,7 +308,9 @@ class ModelHost:
 
     def _swap(self, candidate: ModelService) -> None:
         old = self.current
-        candidate.shadow = old.shadow  # the shadow now compares with the new version
+        if old.shadow is not None:  # the shadow now compares with the new version
+            old.shadow.follow(candidate)
+            candidate.shadow = old.shadow
         self.current = candidate  # the swap: requests arriving from now on take the new one
         old.unpublish()
         candidate.publish()
