@@ -107,6 +107,9 @@ def server(
     if "repository" not in settings:  # the two are exclusive
         env["BLINK_MODEL"] = str(model)
     env.setdefault("BLINK_THREADS", "1")
+    # The rows send one image again and again: without this the response cache would answer
+    # it, and the engine path under test would sit idle.
+    env.setdefault("BLINK_CACHE_BYTES", "0")
     pin = ["taskset", "-c", str(cpu)] if cpu is not None and shutil.which("taskset") else []
     log = out / f"{name}.log"
     with log.open("wb") as sink:
@@ -630,11 +633,12 @@ def rows_drift(c: Campaign) -> list[Row]:
             )  # fmt: skip
             continue
         fired = drift.fired(model, alert)
+        seen = f"fired after {fired:.0f} s" if fired is not None else "did not fire"
         rows.append(
             Row(
                 f"drift: {model} traffic", load, requests, lost,
-                f"{alert} fired after {fired:.0f} s" if fired is not None
-                else f"{alert} did not fire", f"{alert} within its for: (300 s) + {DRIFT_FILL_S} s",
+                f"{alert} {seen}; raised in all: {', '.join(raised) or 'none'}",
+                f"{alert} within its for: (300 s) + {DRIFT_FILL_S} s",
                 fired is not None and fired <= 300 + DRIFT_FILL_S and not lost,
             )
         )  # fmt: skip

@@ -235,6 +235,9 @@ def server(
     env.update(
         BLINK_MODEL=str(model), BLINK_HOST="127.0.0.1", BLINK_PORT=str(port), BLINK_THREADS="1"
     )
+    # One image is sent again and again: without this the response cache would answer it, and
+    # the engine this measures would sit idle.
+    env["BLINK_CACHE_BYTES"] = "0"
     env.update(settings)
     env.update(extra_env or {})
     if flags:  # uvicorn's own options: start it as `blink serve` does, plus these
