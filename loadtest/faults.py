@@ -685,7 +685,7 @@ ROWS: dict[str, Callable[[Campaign], Row | list[Row]]] = {
     "shadow": rows_shadow_overload,
     "drift": rows_drift,
 }
-SHADOW_ROUNDS = 2
+SHADOW_ROUNDS = 3
 DRIFT_FILL_S = 60  # filling the window to the alert's 500 answers, scraping, evaluating
 
 
