@@ -5,12 +5,13 @@ response path: the request path only puts the mirror on a queue, and the client'
 waits for the shadow or fails because of it. A thread of the shadow's own, at the lowest CPU
 priority (nice 19), gathers mirrors for `SHADOW_GATHER_S`, runs them as one batch (its session
 computes on that thread alone) and compares each top-1 label with the served one. It is shed
-first: no mirror is queued while the serving version is busy (anything queued, or its engine
-slots all running) or while `SHADOW_QUEUED_BATCHES` batches already wait, and a mirror older
-than `SHADOW_DEADLINE_S` is dropped unrun. Compared answers count in
-`blink_shadow_requests_total{result="compared"}` and, when the labels agree, in
-`blink_shadow_agreements_total`; the shadow's own answers feed its prediction metrics and drift
-under `model="<name>:shadow"`.
+first: no mirror is queued while another request is in progress (of any model) or the serving
+version is busy (anything queued, or its engine slots all running), or while
+`SHADOW_QUEUED_BATCHES` batches already wait; a batch starts only at a moment when no request
+is in progress; and a mirror older than `SHADOW_DEADLINE_S` is dropped unrun. Compared
+answers count in `blink_shadow_requests_total{result="compared"}` and, when the labels agree,
+in `blink_shadow_agreements_total`; the shadow's own answers feed its prediction metrics and
+drift under `model="<name>:shadow"`.
 
 A **canary** answers a fraction of the model's requests itself; its answers name its version
 and its series carry `model="<name>:canary"`. A request with the canary key header goes to the
@@ -49,6 +50,7 @@ SHADOW_DEADLINE_S = 1.0
 # Mirrors are gathered this long into one batch, and at most this many batches wait.
 SHADOW_GATHER_S = 0.01
 SHADOW_QUEUED_BATCHES = 4
+SHADOW_QUIET_POLL_S = 0.001
 SHADOW_NICE = 19
 HASH_SPACE = 2**32  # zlib.crc32's range
 
@@ -95,7 +97,8 @@ class Shadow:
             return
         count = len(tensor)
         if (
-            serving.batcher.busy
+            serving.shared.active > 1  # another request in progress, of any model
+            or serving.batcher.busy
             or self._mirrors.qsize() >= self._queue_bound
             or count > self._max_batch
         ):
@@ -123,6 +126,7 @@ class Shadow:
             # Gather for a while: one wake-up and one run per batch, not per request (each
             # time this thread holds the GIL, the event loop may wait for it).
             time.sleep(SHADOW_GATHER_S)
+            self._wait_for_a_quiet_moment(first.queued_at + SHADOW_DEADLINE_S)
             batch = [first]
             while len(batch) < self._max_batch and not mirrors.empty():
                 mirror = mirrors.get_nowait()
@@ -135,6 +139,13 @@ class Shadow:
             except Exception:  # counted; the shadow never takes the process down
                 log.exception("shadow batch failed", extra={"model": self.service.name})
                 self._failed(sum(len(m.served) for m in batch))
+
+    def _wait_for_a_quiet_moment(self, give_up: float) -> None:
+        """Start computing only while no request is in progress: one that arrives meanwhile
+        still competes with this batch, but never with a queue of them."""
+        shared = self.service.shared
+        while shared.active and time.monotonic() < give_up:
+            time.sleep(SHADOW_QUIET_POLL_S)
 
     def _run(self, batch: list[Mirror]) -> None:
         now = time.monotonic()
