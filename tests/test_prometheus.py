@@ -195,15 +195,16 @@ def count_is(url: str, promql: str, expected: float):
 @needs_prometheus
 def test_real_prometheus_records_the_load(bundle_dir, tmp_path):
     classified = 'sum(blink_requests_total{job="blink",route="/classify",status="200"})'
-    # with a reference, so that the drift panels have data too
+    # with a reference, so that the drift panels have data too, and a shadow for its panels
     reference = np.full((10, 10), 0.0) + np.eye(10)
     referenced = copy_with_reference(bundle_dir, tmp_path / "tiny" / "1", reference)
+    shadow = str(referenced)
     with (
-        live_server(referenced, threads=1, max_batch_size=16) as service,
+        live_server(referenced, threads=1, max_batch_size=16, shadow=shadow) as service,
         prometheus_server(tmp_path, service.removeprefix("http://")) as prom,
     ):
         wait_until(lambda: single(prom, 'up{job="blink"}') == 1, "scrape of the service")
-        assert single(prom, 'blink_ready{job="blink"}') == 1
+        assert single(prom, 'blink_ready{job="blink",model="tiny"}') == 1
 
         # A first request makes the route's series exist, so the load after it is a rate increase.
         assert httpx.post(service + "/classify", content=png(), headers=PNG).status_code == 200
@@ -239,7 +240,7 @@ def test_real_prometheus_records_the_load(bundle_dir, tmp_path):
     alerts = {a["labels"]["alertname"] for a in firing}
     assert not alerts & {"BlinkDown", "BlinkAbsent", "BlinkNotReady", "BlinkSustained503s"}
     assert blank == [], f"Grafana panels without data: {blank}"
-    # the service's own count agrees with what prometheus stored
+    # the service's own count agrees with what prometheus stored (mirrors are not requests)
     series = 'blink_requests_total{model="tiny",route="/classify",status="200"}'
     assert f"{series} {float(sent)}" in exposed
 
