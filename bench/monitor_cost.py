@@ -9,7 +9,6 @@ counted), rounds in alternating order; the ratio is taken within each round.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -19,17 +18,14 @@ from bench.repository import (
     alternating_rounds,
     c1_p50_change_ms,
     ratio,
+    rounds_arguments,
     summary,
 )
-from bench.run import DEFAULT_MODEL, Load
+from bench.run import Load
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=4)
-    args = parser.parse_args()
+    args = rounds_arguments(__doc__ or "")
     configs = {
         "on": {"BLINK_MODEL": str(args.model), **CACHE_OFF},
         "off": {"BLINK_MODEL": str(args.model), "BLINK_MONITOR": "false", **CACHE_OFF},

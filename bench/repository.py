@@ -95,6 +95,15 @@ def run_wrk(url: str, load: Load, conc: int, seconds: float, pace_ms: float | No
     return wrk(url, load, CORES, conc, seconds, paced)
 
 
+def rounds_arguments(doc: str) -> argparse.Namespace:
+    """--model, --seconds and --rounds of a benchmark that compares servers side by side."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=4)
+    return parser.parse_args()
+
+
 def alternating_rounds(
     configs: dict[str, dict[str, str]],
     load: Load,

@@ -11,7 +11,6 @@ and shed in each run (at c=64 the serving version is busy, so mirrors are shed).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -22,9 +21,10 @@ from bench.repository import (
     alternating_rounds,
     c1_p50_change_ms,
     ratio,
+    rounds_arguments,
     summary,
 )
-from bench.run import DEFAULT_MODEL, Load
+from bench.run import Load
 from loadtest import promstats
 
 FRACTIONS = ("0.1", "1")
@@ -40,11 +40,7 @@ def shadow_counts(url: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=4)
-    args = parser.parse_args()
+    args = rounds_arguments(__doc__ or "")
     served = {"BLINK_MODEL": str(args.model), **CACHE_OFF}
     candidate = str(resolve_bundle_dir(args.model).resolve())
     configs = {"off": served}
