@@ -169,6 +169,13 @@ class ModelHost:
             return canary.service
         return self.current
 
+    def candidates(self) -> dict[str, dict[str, Any] | None]:
+        """The shadow and canary running beside the serving version, described (or None)."""
+        return {
+            SHADOW: self.shadow.describe() if self.shadow else None,
+            CANARY: self.canary.describe() if self.canary else None,
+        }
+
     def monitored(self) -> list[ModelService]:
         """The versions whose answers are counted: the current one and any candidates."""
         services = [self.current]

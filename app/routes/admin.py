@@ -144,11 +144,7 @@ async def stop_candidate(request: Request, role: str, model: str | None) -> dict
 
 
 def candidate_state(host: ModelHost) -> dict[str, Any]:
-    return {
-        "model": host.name,
-        "shadow": host.shadow.describe() if host.shadow else None,
-        "canary": host.canary.describe() if host.canary else None,
-    }
+    return {"model": host.name, **host.candidates()}
 
 
 @router.post(

@@ -25,8 +25,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         "models": [
             {
                 **describe(host.current, host is registry.default),
-                "shadow": host.shadow.describe() if host.shadow else None,
-                "canary": host.canary.describe() if host.canary else None,
+                **host.candidates(),
                 "candidate_errors": host.candidate_errors,
             }
             for _, host in sorted(registry.hosts.items())
