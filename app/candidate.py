@@ -116,7 +116,9 @@ class Shadow:
     # -- the shadow's thread ----------------------------------------------------------------
 
     def _work(self) -> None:
-        run_in_background_only()
+        # The lowest priority, yet never starved outright: SCHED_IDLE could starve this thread
+        # while it holds the interpreter lock, and the event loop would wait with it.
+        lower_priority(SHADOW_NICE)
         mirrors = self._mirrors
         stopping = False
         while not stopping:
@@ -213,13 +215,6 @@ class Mirror:
     served: np.ndarray  # its output rows, one per image
     served_s: float  # its queue wait plus inference
     queued_at: float
-
-
-def run_in_background_only() -> None:
-    """The lowest CPU priority for the calling thread: it runs when no other thread of the
-    machine wants the core, yet never waits indefinitely (SCHED_IDLE could starve it while it
-    holds the interpreter lock, and the event loop would wait with it)."""
-    lower_priority(SHADOW_NICE)
 
 
 class Canary:
