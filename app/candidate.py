@@ -2,13 +2,15 @@
 
 A **shadow** gets a copy of a fraction of the requests the serving version computed, off the
 response path: the request path only puts the mirror on a queue, and the client's answer never
-waits for the shadow or fails because of it. A thread of the shadow's own, at the lowest CPU
-priority (nice 19), gathers mirrors for `SHADOW_GATHER_S`, runs them as one batch (its session
-computes on that thread alone) and compares each top-1 label with the served one. It is shed
-first: no mirror is queued while another request is in progress (of any model) or the serving
-version is busy (anything queued, or its engine slots all running), or while
-`SHADOW_QUEUED_BATCHES` batches already wait; a batch starts only at a moment when no request
-is in progress; and a mirror older than `SHADOW_DEADLINE_S` is dropped unrun. Compared
+waits for the shadow or fails because of it. A thread of the shadow's own, in the idle
+scheduling class (it computes only on a core no other thread wants), gathers mirrors for
+`SHADOW_GATHER_S`, runs them as one batch (its session computes on that thread alone) and
+compares each top-1 label with the served one. It is shed first: no mirror is queued while
+another request is in progress (of any model) or the serving version is busy (anything queued,
+or its engine slots all running), or while `SHADOW_QUEUED_BATCHES` batches already wait; a
+batch starts only at a moment when no request is in progress; a mirror older than
+`SHADOW_DEADLINE_S` is dropped unrun; and when the thread wakes late, because something else
+keeps every core busy, it takes no mirror for `SHADOW_BACK_OFF_S`. Compared
 answers count in `blink_shadow_requests_total{result="compared"}` and, when the labels agree,
 in `blink_shadow_agreements_total`; the shadow's own answers feed its prediction metrics and
 drift under `model="<name>:shadow"`.
@@ -50,7 +52,14 @@ SHADOW_DEADLINE_S = 1.0
 # Mirrors are gathered this long into one batch, and at most this many batches wait.
 SHADOW_GATHER_S = 0.01
 SHADOW_QUEUED_BATCHES = 4
-SHADOW_QUIET_POLL_S = 0.001
+# Each look at whether a request is in progress takes the interpreter lock from the event loop
+# (polling every millisecond cost c=1 latency measurably; every 5 ms did not).
+SHADOW_QUIET_POLL_S = 0.005
+# Woken this much later than it asked, the shadow's thread waited for a core: something keeps
+# every core busy. It then takes no mirror for a while, since a thread of the idle class that
+# is preempted while it holds the interpreter lock stalls the event loop until it runs again.
+SHADOW_LATE_WAKE_S = 0.02
+SHADOW_BACK_OFF_S = 1.0
 SHADOW_NICE = 19
 HASH_SPACE = 2**32  # zlib.crc32's range
 
@@ -79,6 +88,7 @@ class Shadow:
         self._queue_bound = SHADOW_QUEUED_BATCHES * self._max_batch
         self._random = random.random
         self.compared = self.agreed = self.shed = self.failed = 0
+        self._backing_off = False
         # The request path only puts mirrors here; the thread batches, runs and compares them.
         self._mirrors: queue.SimpleQueue[Mirror | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="blink-shadow", daemon=True)
@@ -97,7 +107,8 @@ class Shadow:
             return
         count = len(tensor)
         if (
-            serving.shared.active > 1  # another request in progress, of any model
+            self._backing_off
+            or serving.shared.active > 1  # another request in progress, of any model
             or serving.batcher.busy
             or self._mirrors.qsize() >= self._queue_bound
             or count > self._max_batch
@@ -116,9 +127,7 @@ class Shadow:
     # -- the shadow's thread ----------------------------------------------------------------
 
     def _work(self) -> None:
-        # The lowest priority, yet never starved outright: SCHED_IDLE could starve this thread
-        # while it holds the interpreter lock, and the event loop would wait with it.
-        lower_priority(SHADOW_NICE)
+        idle_priority()
         mirrors = self._mirrors
         stopping = False
         while not stopping:
@@ -127,7 +136,11 @@ class Shadow:
                 return
             # Gather for a while: one wake-up and one run per batch, not per request (each
             # time this thread holds the GIL, the event loop may wait for it).
+            asleep = time.monotonic()
             time.sleep(SHADOW_GATHER_S)
+            if time.monotonic() - asleep > SHADOW_GATHER_S + SHADOW_LATE_WAKE_S:
+                stopping = self._back_off(first)
+                continue
             self._wait_for_a_quiet_moment(first.queued_at + SHADOW_DEADLINE_S)
             batch = [first]
             while len(batch) < self._max_batch and not mirrors.empty():
@@ -141,6 +154,23 @@ class Shadow:
             except Exception:  # counted; the shadow never takes the process down
                 log.exception("shadow batch failed", extra={"model": self.service.name})
                 self._failed(sum(len(m.served) for m in batch))
+
+    def _back_off(self, first: Mirror) -> bool:
+        """Shed what is queued and take no mirror for `SHADOW_BACK_OFF_S`; whether a stop was
+        asked meanwhile."""
+        self._backing_off = True
+        dropped, stopping = [first], False
+        while not self._mirrors.empty():
+            mirror = self._mirrors.get_nowait()
+            if mirror is None:
+                stopping = True
+            else:
+                dropped.append(mirror)
+        self._shed(sum(len(m.served) for m in dropped))
+        if not stopping:
+            time.sleep(SHADOW_BACK_OFF_S)
+        self._backing_off = False
+        return stopping
 
     def _wait_for_a_quiet_moment(self, give_up: float) -> None:
         """Start computing only while no request is in progress: one that arrives meanwhile
@@ -247,6 +277,17 @@ def describe(service: ModelService, source: str, fraction: float) -> dict[str, A
         "fraction": fraction,
         "series": service.metrics.name,
     }
+
+
+def idle_priority() -> None:
+    """Put the calling thread in the idle scheduling class (Linux: per thread). It computes on
+    a core only while no other thread wants that core, and a serving thread that wakes takes
+    the core from it at once, where a nice 19 thread may first finish its time slice. Like
+    nice 19, it still gets a sliver of a busy core, so a lock it holds is released in the end.
+    Nice 19 where the class is missing."""
+    lower_priority(SHADOW_NICE)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
 def lower_priority(nice: int) -> None:

@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,29 +95,25 @@ def run_wrk(url: str, load: Load, conc: int, seconds: float, pace_ms: float | No
     return wrk(url, load, CORES, conc, seconds, paced)
 
 
-def rounds_arguments(doc: str) -> argparse.Namespace:
+def rounds_parser(doc: str) -> argparse.ArgumentParser:
     """--model, --seconds and --rounds of a benchmark that compares servers side by side."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=4)
-    return parser.parse_args()
+    return parser
+
+
+def rounds_arguments(doc: str) -> argparse.Namespace:
+    return rounds_parser(doc).parse_args()
 
 
 def alternating_rounds(
-    configs: dict[str, dict[str, str]],
-    load: Load,
-    scratch: Path,
-    rounds: int,
-    seconds: float,
-    scrape: Callable[[str], dict] | None = None,
+    configs: dict[str, dict[str, str]], load: Load, scratch: Path, rounds: int, seconds: float
 ) -> dict[str, dict[str, list[dict]]]:
     """c=64 and c=1 runs of each server configuration, in alternating order round by round
-    (a fresh server each time), so that each round compares them side by side. With `scrape`,
-    what it reads from the server after each run is kept under "c64 scraped", "c1 scraped"."""
-    runs: dict[str, dict[str, list[dict]]] = {
-        name: {"c64": [], "c1": [], "c64 scraped": [], "c1 scraped": []} for name in configs
-    }
+    (a fresh server each time), so that each round compares them side by side."""
+    runs: dict[str, dict[str, list[dict]]] = {name: {"c64": [], "c1": []} for name in configs}
     for round_ in range(rounds):
         order = list(configs.items())
         for name, env in order if round_ % 2 == 0 else reversed(order):
@@ -125,8 +121,6 @@ def alternating_rounds(
                 run_wrk(url, load, 64, 1)
                 for run, connections in (("c64", 64), ("c1", 1)):
                     runs[name][run].append(run_wrk(url, load, connections, seconds))
-                    if scrape is not None:
-                        runs[name][f"{run} scraped"].append(scrape(url))
     return runs
 
 

@@ -4,6 +4,9 @@ answers, how both start and stop (settings, admin routes, promotion)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from app import candidate
 from app.bundle import load_bundle, point_latest
 from app.candidate_spec import CandidateSpec, parse_candidates
 from app.engine import Engine
@@ -94,8 +98,10 @@ async def test_shadow_at_100_percent_agrees_exactly_as_offline_and_is_no_client_
     async with running_app(settings) as client:
         model = (await client.get("/v1/models")).json()["models"][0]
         assert model["shadow"]["version"] == "2" and model["shadow"]["series"] == "tiny:shadow"
-        answers = [await client.post("/classify", content=b, headers=PNG) for b in bodies]
-        shadow = await wait_compared(client, len(bodies))
+        answers = []
+        for sent, body in enumerate(bodies, 1):  # on an idle service: each mirror is run first
+            answers.append(await client.post("/classify", content=body, headers=PNG))
+            shadow = await wait_compared(client, sent)
         samples = await scraped(client)
     served = np.asarray([a.json()["predictions"][0]["label"] for a in answers])
     assert {a.json()["model"]["version"] for a in answers} == {"1"}
@@ -144,6 +150,22 @@ async def test_shadow_is_shed_while_the_serving_version_is_busy(tmp_path, slow_b
     assert shadow["shed"] > 0  # requests queued behind busy batches: no mirror for those
     assert shadow["compared"] + shadow["shed"] == 24 and shadow["failed"] == 0
     assert shadow["agreement"] == 1.0  # the same model
+
+
+async def test_shadow_computes_in_the_idle_class_and_backs_off_when_it_waits_for_a_core(
+    bundle_dir, monkeypatch
+):
+    # Woken later than it asked, the thread waited for a core: here every wake counts as late.
+    monkeypatch.setattr(candidate, "SHADOW_LATE_WAKE_S", -1.0)
+    monkeypatch.setattr(candidate, "SHADOW_BACK_OFF_S", 0.05)
+    async with running_app(Settings(model=bundle_dir, threads=1, shadow=str(bundle_dir))) as client:
+        (thread,) = [t for t in threading.enumerate() if t.name == "blink-shadow"]
+        if sys.platform == "linux":
+            assert os.sched_getscheduler(thread.native_id) == os.SCHED_IDLE
+        answers = [await client.post("/classify", content=png(i), headers=PNG) for i in range(6)]
+        shadow = await wait_compared(client, 6)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert shadow["compared"] == shadow["failed"] == 0 and shadow["shed"] == 6
 
 
 async def test_shadow_of_another_bundle_decodes_for_its_own_input(tmp_path, bundle_dir):
