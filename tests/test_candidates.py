@@ -159,11 +159,11 @@ async def test_shadow_computes_in_the_idle_class_and_backs_off_when_it_waits_for
     monkeypatch.setattr(candidate, "SHADOW_LATE_WAKE_S", -1.0)
     monkeypatch.setattr(candidate, "SHADOW_BACK_OFF_S", 0.05)
     async with running_app(Settings(model=bundle_dir, threads=1, shadow=str(bundle_dir))) as client:
+        answers = [await client.post("/classify", content=png(i), headers=PNG) for i in range(6)]
+        shadow = await wait_compared(client, 6)  # the thread has run: its class is set
         (thread,) = [t for t in threading.enumerate() if t.name == "blink-shadow"]
         if sys.platform == "linux":
             assert os.sched_getscheduler(thread.native_id) == os.SCHED_IDLE
-        answers = [await client.post("/classify", content=png(i), headers=PNG) for i in range(6)]
-        shadow = await wait_compared(client, 6)
     assert [a.status_code for a in answers] == [200] * 6
     assert shadow["compared"] == shadow["failed"] == 0 and shadow["shed"] == 6
 
