@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import queue
 import random
@@ -128,10 +129,9 @@ class Shadow:
 
     def _work(self) -> None:
         idle_priority()
-        mirrors = self._mirrors
         stopping = False
         while not stopping:
-            first = mirrors.get()
+            first = self._mirrors.get()
             if first is None:
                 return
             # Gather for a while: one wake-up and one run per batch, not per request (each
@@ -143,30 +143,29 @@ class Shadow:
                 continue
             self._wait_for_a_quiet_moment(first.queued_at + SHADOW_DEADLINE_S)
             batch = [first]
-            while len(batch) < self._max_batch and not mirrors.empty():
-                mirror = mirrors.get_nowait()
-                if mirror is None:
-                    stopping = True
-                    break
-                batch.append(mirror)
+            stopping = self._take_queued(batch, self._max_batch)
             try:
                 self._run(batch)
             except Exception:  # counted; the shadow never takes the process down
                 log.exception("shadow batch failed", extra={"model": self.service.name})
-                self._failed(sum(len(m.served) for m in batch))
+                self._failed(images(batch))
+
+    def _take_queued(self, batch: list[Mirror], limit: float) -> bool:
+        """Move queued mirrors into `batch`, up to `limit` in all; whether a stop was asked."""
+        while len(batch) < limit and not self._mirrors.empty():
+            mirror = self._mirrors.get_nowait()
+            if mirror is None:
+                return True
+            batch.append(mirror)
+        return False
 
     def _back_off(self, first: Mirror) -> bool:
         """Shed what is queued and take no mirror for `SHADOW_BACK_OFF_S`; whether a stop was
         asked meanwhile."""
         self._backing_off = True
-        dropped, stopping = [first], False
-        while not self._mirrors.empty():
-            mirror = self._mirrors.get_nowait()
-            if mirror is None:
-                stopping = True
-            else:
-                dropped.append(mirror)
-        self._shed(sum(len(m.served) for m in dropped))
+        dropped = [first]
+        stopping = self._take_queued(dropped, math.inf)
+        self._shed(images(dropped))
         if not stopping:
             time.sleep(SHADOW_BACK_OFF_S)
         self._backing_off = False
@@ -183,7 +182,7 @@ class Shadow:
         now = time.monotonic()
         fresh = [m for m in batch if now - m.queued_at <= SHADOW_DEADLINE_S]
         if len(fresh) < len(batch):  # too old to be worth the cores: dropped
-            self._failed(sum(len(m.served) for m in batch) - sum(len(m.served) for m in fresh))
+            self._failed(images(batch) - images(fresh))
         if not fresh:
             return
         tensors = [self._tensor(m.source) for m in fresh]
@@ -245,6 +244,11 @@ class Mirror:
     served: np.ndarray  # its output rows, one per image
     served_s: float  # its queue wait plus inference
     queued_at: float
+
+
+def images(mirrors: list[Mirror]) -> int:
+    """How many images `mirrors` carry (a V2 request may carry several)."""
+    return sum(len(m.served) for m in mirrors)
 
 
 class Canary:
